@@ -1,0 +1,21 @@
+"""mlx-baldwhisper: Whisper in MLX, with BaldWhisper compression and on-laptop training."""
+
+try:  # TEMP until _blas lands
+    from ._blas import ensure_fast_blas
+    BLAS = ensure_fast_blas()  # must run before mlx.core is first imported
+except ImportError:
+    BLAS = "reference"
+
+from .load import load_model  # noqa: E402
+from .weights import ModelLoadError  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["load_model", "transcribe", "ModelLoadError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "transcribe":
+        from .transcribe import transcribe
+        return transcribe
+    raise AttributeError(name)

@@ -1,0 +1,50 @@
+"""BaldWhisper stage 2, "head shearing": a low-rank tied token embedding.
+
+The V×d embedding E is replaced by A (V×r) · B (r×d). A token looks up its row of
+A and multiplies by B; the output projection runs hidden → Bᵀ → Aᵀ, so logits still
+cover the full vocabulary. Initialised from a truncated SVD of E with √S split
+into both factors, which is the best rank-r approximation in Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+class LowRankEmbedding(nn.Module):
+    def __init__(self, n_vocab: int, dims: int, rank: int):
+        super().__init__()
+        # A is an Embedding so that MLX quantization applies to the large factor.
+        self.A = nn.Embedding(n_vocab, rank)
+        self.B = mx.random.normal((rank, dims)) * (1.0 / rank) ** 0.5
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return self.A(tokens) @ self.B
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.A.as_linear(x @ self.B.T)
+
+    @property
+    def weight(self) -> mx.array:
+        """The full E ≈ A·B, for analysis and feature losses (not used when decoding)."""
+        return self.A.weight @ self.B
+
+    @property
+    def rank(self) -> int:
+        return self.B.shape[0]
+
+
+def factorize(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Truncated SVD of E with √S in both factors; returns (A, B, relative error)."""
+    v, d = E.shape
+    if not 1 <= rank <= d:
+        raise ValueError(f"rank must be between 1 and the model width {d}, got {rank}")
+    E64 = E.astype(np.float64)
+    U, S, Vt = np.linalg.svd(E64, full_matrices=False)
+    root = np.sqrt(S[:rank])
+    A = U[:, :rank] * root[None, :]
+    B = root[:, None] * Vt[:rank]
+    err = float(np.linalg.norm(E64 - A @ B) / np.linalg.norm(E64))
+    return A.astype(np.float32), B.astype(np.float32), err

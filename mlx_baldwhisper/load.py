@@ -29,9 +29,12 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
     model.extra_config = dict(ckpt.extra)
     quant = ckpt.extra.get("quantization")
     if quant:
+        from .quantize import group_size_of
         names = {k.rsplit(".", 1)[0] for k in ckpt.weights if k.endswith(".scales")}
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    class_predicate=lambda path, m: path in names)
+        sizes = {n: group_size_of(ckpt.weights, n, quant["bits"]) for n in names}
+        for gs in sorted(set(sizes.values())):
+            nn.quantize(model, group_size=gs, bits=quant["bits"],
+                        class_predicate=lambda path, m, gs=gs: sizes.get(path) == gs)
     target = resolve_dtype(dtype)
     weights = []
     for k, v in ckpt.weights.items():
@@ -54,3 +57,15 @@ def load_model(path_or_name: str | os.PathLike | None = None,
                dtype: str | mx.Dtype = "float32") -> Whisper:
     """Load whisper-base (default, embedded), ``tiny.en``, a folder, a ``.pt`` or a hub id."""
     return build_model(read_checkpoint(path_or_name), dtype)
+
+
+def checkpoint_from_model(model: Whisper) -> Checkpoint:
+    """The in-memory model as a checkpoint, so surgery can run on trained weights."""
+    from mlx.utils import tree_flatten
+
+    if model.extra_config.get("quantization"):
+        raise ValueError("surgery needs float weights: convert from the unquantized model")
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    return Checkpoint(model.dims.__class__(**model.dims.to_dict()), weights, model.source,
+                      [list(h) for h in model.alignment_heads], model.tokenizer_dir,
+                      dict(model.extra_config))

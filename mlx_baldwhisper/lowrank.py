@@ -48,3 +48,24 @@ def factorize(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     B = root[:, None] * Vt[:rank]
     err = float(np.linalg.norm(E64 - A @ B) / np.linalg.norm(E64))
     return A.astype(np.float32), B.astype(np.float32), err
+
+
+def shear(ckpt, rank: int):
+    """A checkpoint whose tied embedding is replaced by its rank-``rank`` factors.
+
+    Returns (new checkpoint, relative reconstruction error ‖E − AB‖/‖E‖).
+    """
+    from .weights.checkpoint import Checkpoint
+
+    key = "decoder.token_embedding.weight"
+    if key not in ckpt.weights:
+        raise ValueError("this model's embedding is already factored; shear the full model")
+    E = np.asarray(ckpt.weights[key], dtype=np.float32)
+    A, B, err = factorize(E, rank)
+    weights = {k: v for k, v in ckpt.weights.items() if k != key}
+    weights["decoder.token_embedding.A.weight"] = A
+    weights["decoder.token_embedding.B"] = B
+    dims = ckpt.dims.__class__(**ckpt.dims.to_dict())
+    dims.embedding_rank = rank
+    return Checkpoint(dims, weights, ckpt.source, ckpt.alignment_heads, ckpt.tokenizer_dir,
+                      dict(ckpt.extra)), err

@@ -112,7 +112,7 @@ class _TensorRef:
                                  f"{self.storage.root.key}, which holds {base.size}")
         view = np.lib.stride_tricks.as_strided(
             base[start:], shape=self.size, strides=[s * base.itemsize for s in self.stride])
-        return np.array(view)  # copy: detaches from the shared storage, contiguous
+        return np.array(view, order="C")  # a C-ordered copy, detached from the storage
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_ignored: Any) -> _TensorRef:
@@ -193,13 +193,13 @@ def _load_zip(zf: zipfile.ZipFile) -> Any:
 
 
 def _load_legacy(f: BinaryIO) -> Any:
-    """torch < 1.6: magic, protocol, sys info and the object as pickles, then the storages."""
+    """torch < 1.6: magic, protocol, sys info and the object as pickles, then the storages,
+    each as int64 element count and bytes, always little-endian."""
     if SafeUnpickler(f).load() != LEGACY_MAGIC:
         raise ModelLoadError("not a PyTorch checkpoint (no zip archive and no legacy magic number)")
     if SafeUnpickler(f).load() != LEGACY_PROTOCOL:
         raise ModelLoadError("unsupported legacy PyTorch protocol version")
-    sys_info = SafeUnpickler(f).load()
-    big = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
+    SafeUnpickler(f).load()  # sys info: type sizes of the saving machine, unused
     up = SafeUnpickler(f)
     obj = up.load()
     keys = SafeUnpickler(f).load()
@@ -209,10 +209,10 @@ def _load_legacy(f: BinaryIO) -> Any:
         if key not in up.storages:
             raise ModelLoadError(f"legacy checkpoint lists an unknown storage {key}")
         storage = up.storages[key]
-        (numel,) = struct.unpack(">q" if big else "<q", f.read(8))
+        (numel,) = struct.unpack("<q", f.read(8))
         storage.raw = f.read(numel * storage.stype.itemsize)
         storage.numel = numel
-    return _resolve(obj, big)
+    return _resolve(obj, big_endian=False)
 
 
 def load_state(path: Path) -> Any:

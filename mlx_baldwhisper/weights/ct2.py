@@ -159,12 +159,12 @@ def convert(v: dict[str, np.ndarray]) -> tuple[ModelDimensions, dict[str, np.nda
         n_mels=out["encoder.conv1.weight"].shape[2],
         n_audio_ctx=v["encoder/position_encodings/encodings"].shape[0],
         n_audio_state=out["encoder.conv1.weight"].shape[0],
-        n_audio_head=int(v["encoder/num_heads"]),
+        n_audio_head=int(np.asarray(v["encoder/num_heads"]).item()),
         n_audio_layer=n_enc,
         n_vocab=emb.shape[0],
         n_text_ctx=out["decoder.positional_embedding"].shape[0],
         n_text_state=emb.shape[1],
-        n_text_head=int(v["decoder/num_heads"]),
+        n_text_head=int(np.asarray(v["decoder/num_heads"]).item()),
         n_text_layer=n_dec,
     )
     return dims, out

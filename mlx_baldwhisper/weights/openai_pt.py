@@ -210,6 +210,8 @@ def _load_legacy(f: BinaryIO) -> Any:
             raise ModelLoadError(f"legacy checkpoint lists an unknown storage {key}")
         storage = up.storages[key]
         (numel,) = struct.unpack("<q", f.read(8))
+        if numel < 0:
+            raise ModelLoadError(f"legacy storage {key} has a negative size")
         storage.raw = f.read(numel * storage.stype.itemsize)
         storage.numel = numel
     return _resolve(obj, big_endian=False)

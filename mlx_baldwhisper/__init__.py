@@ -7,15 +7,10 @@ except ImportError:
     BLAS = "reference"
 
 from .load import load_model  # noqa: E402
+from .transcribe import transcribe  # noqa: E402
 from .weights import ModelLoadError  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["load_model", "transcribe", "ModelLoadError", "__version__"]
 
-
-def __getattr__(name: str):
-    if name == "transcribe":
-        from .transcribe import transcribe
-        return transcribe
-    raise AttributeError(name)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .model import Whisper
-from .weights import Checkpoint, ModelLoadError, read_checkpoint
+from .weights import Checkpoint, ModelLoadError, embedded, read_checkpoint
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -49,7 +49,7 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
     model.set_dtype(target, predicate=lambda t: mx.issubdtype(t, mx.floating))
     mx.eval(model.parameters())
     model.source = ckpt.source
-    model.tokenizer_dir = ckpt.tokenizer_dir
+    model.tokenizer_dir = ckpt.tokenizer_dir or embedded.default_tokenizer_dir(ckpt.dims.n_vocab)
     return model
 
 

@@ -50,3 +50,13 @@ def read(name: str) -> Checkpoint:
     ckpt = ct2.read(base, parts)
     ckpt.source = f"embedded:{NAMES[name]}"
     return ckpt
+
+
+def default_tokenizer_dir(n_vocab: int) -> Path | None:
+    """A checkpoint without tokenizer files gets the embedded multilingual or English one."""
+    name = "base" if n_vocab >= 51865 else "tiny.en"
+    try:
+        tok = folder(name)[0]
+    except ModelLoadError:  # the package holding it is not installed
+        return None
+    return tok if (tok / "tokenizer.json").exists() else None

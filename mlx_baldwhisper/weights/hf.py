@@ -148,7 +148,7 @@ def dims_from_config(cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> Mod
 
 
 def read_folder(path: Path, cfg: dict[str, Any]) -> Checkpoint:
-    from .openai_pt import default_tokenizer_dir
+    from .embedded import default_tokenizer_dir
 
     weights = convert(load_weights(path))
     dims = dims_from_config(cfg, weights)

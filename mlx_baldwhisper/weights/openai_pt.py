@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Optional, Sequence, Union
 import numpy as np
 
 from ..model import ModelDimensions
+from . import embedded
 from .checkpoint import Checkpoint, ModelLoadError, conv_to_mlx
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -268,18 +269,6 @@ def parse_alignment_heads(heads: AlignmentHeads, dims: ModelDimensions) -> Optio
     return [[int(l), int(h)] for l, h in heads]
 
 
-def default_tokenizer_dir(n_vocab: int) -> Optional[Path]:
-    """A checkpoint without tokenizer files gets the embedded multilingual or English one."""
-    from . import embedded
-
-    name = "base" if n_vocab >= 51865 else "tiny.en"
-    try:
-        folder = embedded.folder(name)[0]
-    except ModelLoadError:  # the package holding it is not installed
-        return None
-    return folder if (folder / "tokenizer.json").exists() else None
-
-
 def read(path: Path, alignment_heads: AlignmentHeads = None) -> Checkpoint:
     """Read an OpenAI Whisper ``.pt`` ({"dims": ..., "model_state_dict": ...})."""
     path = Path(path)
@@ -292,4 +281,4 @@ def read(path: Path, alignment_heads: AlignmentHeads = None) -> Checkpoint:
     weights = convert_openai(obj["model_state_dict"])
     return Checkpoint(dims, weights, source=f"openai:{path}",
                       alignment_heads=parse_alignment_heads(alignment_heads, dims),
-                      tokenizer_dir=default_tokenizer_dir(dims.n_vocab))
+                      tokenizer_dir=embedded.default_tokenizer_dir(dims.n_vocab))

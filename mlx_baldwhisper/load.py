@@ -32,9 +32,9 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
         from .quantize import group_size_of
         names = {k.rsplit(".", 1)[0] for k in ckpt.weights if k.endswith(".scales")}
         sizes = {n: group_size_of(ckpt.weights, n, quant["bits"]) for n in names}
-        for gs in sorted(set(sizes.values())):
-            nn.quantize(model, group_size=gs, bits=quant["bits"],
-                        class_predicate=lambda path, m, gs=gs: sizes.get(path) == gs)
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
+                    class_predicate=lambda path, m: {"group_size": sizes[path], "bits": quant["bits"]}
+                    if path in sizes else False)
     target = resolve_dtype(dtype)
     weights = []
     for k, v in ckpt.weights.items():

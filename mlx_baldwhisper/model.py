@@ -215,6 +215,15 @@ def causal_mask(t: int, offset: int, dtype: mx.Dtype) -> mx.array:
 
 
 class Whisper(nn.Module):
+    # Plain attributes, not parameters: nn.Module would treat a list or dict as a child.
+    _META = ("alignment_heads", "extra_config", "source", "tokenizer_dir")
+
+    def __setattr__(self, key: str, val: Any) -> None:
+        if key in self._META:
+            object.__setattr__(self, key, val)
+        else:
+            super().__setattr__(key, val)
+
     def __init__(self, dims: ModelDimensions, alignment_heads: Optional[list] = None):
         super().__init__()
         self.dims = dims
@@ -230,6 +239,8 @@ class Whisper(nn.Module):
             ]
         self.alignment_heads = [list(map(int, p)) for p in alignment_heads]
         self.extra_config: dict[str, Any] = {}
+        self.source = "random"
+        self.tokenizer_dir = None
 
     def embed_audio(self, mel: mx.array) -> mx.array:
         return self.encoder(mel)

@@ -20,14 +20,16 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64) -> dic
         raise ValueError(f"--q-bits must be one of {SUPPORTED_BITS}, got {bits}")
     if group_size not in (32, 64, 128):
         raise ValueError(f"--q-group-size must be 32, 64 or 128, got {group_size}")
-    counts = {}
-    for gs in (group_size, 32):
-        def pick(path: str, m: nn.Module, gs=gs) -> bool:
-            if not isinstance(m, (nn.Linear, nn.Embedding)) or not hasattr(m, "to_quantized"):
-                return False
-            width = m.weight.shape[-1]
-            return width % gs == 0 and (gs == group_size or width % group_size != 0)
-        nn.quantize(model, group_size=gs, bits=bits, class_predicate=pick)
+    def pick(path: str, m: nn.Module):
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or not hasattr(m, "to_quantized"):
+            return False
+        width = m.weight.shape[-1]
+        for gs in (group_size, 32):
+            if width % gs == 0:
+                return {"group_size": gs, "bits": bits}
+        return False
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pick)
     info = {"bits": bits, "group_size": group_size}
     model.extra_config["quantization"] = info
     return info

@@ -1,0 +1,1 @@
+"""On-laptop training: data loading, batching and cached encoder features."""

@@ -1,0 +1,151 @@
+"""BaldWhisper surgery on small fixtures: merging, removal, sheared embedding, quantization."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_baldwhisper import load_model
+from mlx_baldwhisper.convert import Surgery, apply_surgery, convert
+from mlx_baldwhisper.load import build_model
+from mlx_baldwhisper.merge import make_plan, parse_groups, removal_plan
+from mlx_baldwhisper.weights import read_checkpoint
+
+FIXTURE = str(Path(__file__).parent / "fixtures" / "ct2")  # 4 decoder layers, width 24
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return read_checkpoint(FIXTURE)
+
+
+def logits(model, seed=0):
+    mel = mx.array(np.random.default_rng(seed).standard_normal((1, 3000, 80)).astype(np.float32))
+    return np.array(model(mel, mx.array([[50258, 50259, 50359, 50363, 400]])))
+
+
+def test_alpha_zero_beta_one_gives_the_upper_layers(ckpt):
+    merged = apply_surgery(ckpt, Surgery(merge=True, alpha=0.0, beta=1.0))
+    assert merged.dims.n_text_layer == 2
+    for new, upper in ((0, 1), (1, 3)):
+        for key, w in ckpt.weights.items():
+            if key.startswith(f"decoder.blocks.{upper}."):
+                tail = key.split(".", 3)[3]
+                np.testing.assert_array_equal(merged.weights[f"decoder.blocks.{new}.{tail}"], w)
+
+
+def test_weighted_average_and_single_layer_identity(ckpt):
+    merged = apply_surgery(ckpt, Surgery(merge_groups="0,1;3", alpha=1.0, beta=3.0))
+    assert merged.dims.n_text_layer == 3  # [0,1], [2] untouched, [3]
+    k = "mlp1.weight"
+    want = (1 * ckpt.weights[f"decoder.blocks.0.{k}"].astype(np.float32)
+            + 3 * ckpt.weights[f"decoder.blocks.1.{k}"].astype(np.float32)) / 4
+    np.testing.assert_allclose(merged.weights[f"decoder.blocks.0.{k}"].astype(np.float32), want, atol=1e-3)
+    for new, old in ((1, 2), (2, 3)):
+        np.testing.assert_array_equal(merged.weights[f"decoder.blocks.{new}.{k}"],
+                                      ckpt.weights[f"decoder.blocks.{old}.{k}"])
+
+
+def test_groups_of_three_and_encoder_merging(ckpt):
+    merged = apply_surgery(ckpt, Surgery(merge_groups="0,1,2", encoder_merge_groups="0,1"))
+    assert merged.dims.n_text_layer == 2 and merged.dims.n_audio_layer == 1
+    plan = make_plan(4, parse_groups("0,1,2"), 0.1, 1.0)
+    assert plan.weights[0] == [0.1, 0.1, 1.0]
+    build_model(merged)  # the merged architecture loads
+
+
+def test_removal_keeps_maximally_spaced_layers(ckpt):
+    assert [g[0] for g in removal_plan(6, 3).groups] == [0, 2, 5]
+    assert [g[0] for g in removal_plan(32, 2).groups] == [0, 31]
+    dropped = apply_surgery(ckpt, Surgery(drop=2))
+    np.testing.assert_array_equal(dropped.weights["decoder.blocks.1.mlp1.weight"],
+                                  ckpt.weights["decoder.blocks.3.mlp1.weight"])
+
+
+def test_alignment_heads_follow_their_layer(ckpt):
+    merged = apply_surgery(ckpt, Surgery(merge=True))
+    plan = make_plan(ckpt.dims.n_text_layer, None, 0.1, 1.0)
+    for l, h in ckpt.alignment_heads:
+        assert [next(i for i, g in enumerate(plan.groups) if l in g), h] in merged.alignment_heads
+    assert all(l < merged.dims.n_text_layer for l, _ in merged.alignment_heads)
+
+
+def test_full_rank_reproduces_logits_and_low_rank_is_close(ckpt):
+    d = ckpt.dims.n_text_state
+    ref = logits(build_model(ckpt))
+    full = apply_surgery(ckpt, Surgery(rank=d))
+    assert full.dims.embedding_rank == d
+    np.testing.assert_allclose(logits(build_model(full)), ref, atol=1e-3)
+    s = Surgery(rank=d // 2)
+    low = apply_surgery(ckpt, s)
+    assert 0 < s.report["relative_error"] < 1
+    assert low.weights["decoder.token_embedding.A.weight"].shape == (ckpt.dims.n_vocab, d // 2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (Surgery(rank=0), "rank must be between"),
+    (Surgery(rank=10_000), "rank must be between"),
+    (Surgery(merge_groups="0,1;1,2"), "two merge groups"),
+    (Surgery(merge_groups="0,2"), "adjacent"),
+    (Surgery(merge_groups="7,8"), "does not exist"),
+    (Surgery(merge_groups="a;b"), "must look like"),
+    (Surgery(merge=True, alpha=-1), "non-negative"),
+    (Surgery(merge=True, drop=2), "alternatives"),
+])
+def test_refusals_write_nothing(bad, match, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        convert(FIXTURE, str(out), "float32", bad, log=lambda *_: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """A random model 64 wide, so that MLX's 32/64 quantization groups apply."""
+    from conftest import tiny_model
+    from mlx_baldwhisper.weights import mlx_folder
+
+    folder = tmp_path_factory.mktemp("wide")
+    model = tiny_model(n_audio_state=64, n_text_state=64)
+    mlx_folder.save(model, folder, model.tokenizer_dir, "test:wide")
+    return str(folder)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_compressed_folder_round_trips(bits, tmp_path, wide_folder):
+    from mlx.utils import tree_flatten
+
+    out = tmp_path / f"q{bits}"
+    surgery = Surgery(merge=True, rank=32, quantize=True, q_bits=bits, q_group_size=64)
+    model = convert(wide_folder, str(out), "float32", surgery, log=lambda *_: None)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization"]["bits"] == bits
+    assert cfg["surgery"]["decoder_merge"]["groups"] == [[0, 1], [2, 3]]
+    assert cfg["surgery"]["embedding"]["rank"] == 32 and cfg["embedding_rank"] == 32
+    assert cfg["n_text_layer"] == 2
+    reloaded = load_model(str(out))
+    np.testing.assert_allclose(logits(reloaded), logits(model), atol=1e-4)
+    names = dict(tree_flatten(reloaded.parameters()))
+    # rank 32 is not a multiple of 64: factor A falls back to groups of 32 but is quantized
+    assert "decoder.token_embedding.A.scales" in names
+    assert "decoder.blocks.0.mlp1.scales" in names
+    float_logits = logits(load_model(wide_folder))
+    assert np.isfinite(logits(reloaded)).all() and float_logits.shape == logits(reloaded).shape
+
+
+def test_convert_cli_reports_sizes(tmp_path):
+    out = tmp_path / "m"
+    p = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-name-or-path", FIXTURE,
+                        "--merge", "--rank", "8", "--mlx-path", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "| embedding |" in p.stdout and "relative reconstruction error" in p.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-name-or-path", FIXTURE,
+                          "--rank", "999", "--mlx-path", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --rank") and not (tmp_path / "bad").exists()

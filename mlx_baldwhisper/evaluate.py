@@ -1,0 +1,160 @@
+"""Word and character error rates of a model on a set of utterances.
+
+Text normalisation (``normalize``), applied to references and hypotheses alike, is
+deliberately language-agnostic because the project is scored on languages other than
+English; there are no spelling, number or contraction rules:
+
+1. Unicode NFKC (compatibility forms fold: full-width letters, ligatures, ``²`` -> ``2``);
+2. lowercase (``str.lower``);
+3. apostrophes (``' ’ ‘ ` ´``) are deleted, so "don't" and "dont" match;
+4. every other punctuation (Unicode category P*) or symbol (S*) becomes a space;
+   letters, marks (M*, e.g. Devanagari vowel signs) and digits are kept;
+5. whitespace runs collapse to one space, and the ends are stripped.
+
+WER and CER are corpus-level fractions (0.25 = 25 %) from jiwer over the normalised
+texts; CER counts the single spaces between words as characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import unicodedata
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import AudioError
+from .decoding import DecodingOptions, decode_features
+from .model import Whisper
+from .tokenizer import Tokenizer
+from .training.data import (
+    ClipTooLongError, Example, FeatureCache, TokenizedExample, encode_mels, load_mel,
+)
+
+log = logging.getLogger(__name__)
+
+_APOSTROPHES = frozenset("'’‘`´")
+Item = Union[Example, TokenizedExample]
+
+
+def normalize(text: str) -> str:
+    """Normalise text for WER/CER as described in the module docstring."""
+    out = []
+    for ch in unicodedata.normalize("NFKC", text).lower():
+        if ch in _APOSTROPHES:
+            continue
+        cat = unicodedata.category(ch)
+        out.append(" " if cat[0] in "PS" or ch.isspace() else ch)
+    return " ".join("".join(out).split())
+
+
+def _rate(kind: str, refs: list[str], hyps: list[str]) -> float:
+    import jiwer
+
+    if not refs:
+        return float("nan")
+    return float(jiwer.wer(refs, hyps) if kind == "wer" else jiwer.cer(refs, hyps))
+
+
+def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = None,
+             batch_size: int = 8, features: Optional[FeatureCache] = None,
+             options: Optional[DecodingOptions] = None, limit: Optional[int] = None,
+             tokenizer: Optional[Tokenizer] = None) -> dict[str, Any]:
+    """Greedy-decode ``items`` (Examples or prepared items) and score them.
+
+    The language is ``language`` if given, else ``options.language``, else each item's
+    own, else detected. ``limit`` keeps the first N items. Clips that cannot be loaded or
+    exceed 30 s, and items whose normalised reference is empty, are skipped with a warning
+    and listed in ``skipped``. Returns ``wer``, ``cer`` (fractions), ``n``, ``seconds``
+    (wall time), ``skipped`` and per-utterance ``rows``.
+    """
+    start = time.perf_counter()
+    base = options or DecodingOptions(without_timestamps=True, temperature=0.0)
+    if language is not None:
+        base = replace(base, language=language)
+    skipped: list[tuple[str, str]] = []
+    todo = []
+    for it in list(items)[:limit] if limit is not None else list(items):
+        if normalize(it.text):
+            todo.append(it)
+        else:
+            log.warning("skipping %s: empty reference", it.name)
+            skipped.append((it.name, "empty reference"))
+    rows: list[dict[str, Any]] = []
+    for b in range(0, len(todo), batch_size):
+        ok, feats = _batch_features(model, todo[b:b + batch_size], features, skipped)
+        langs = [base.language or it.language for it in ok]
+        batch_rows: list[dict[str, Any]] = [{} for _ in ok]
+        for lang in dict.fromkeys(langs):
+            idx = [i for i, l in enumerate(langs) if l == lang]
+            audio_features = mx.array(feats[idx]).astype(model.dtype)
+            results = decode_features(model, audio_features, replace(base, language=lang), tokenizer)
+            for i, r in zip(idx, results):
+                batch_rows[i] = _row(ok[i], r.text, r.language)
+        rows += batch_rows
+    refs = [r["reference_norm"] for r in rows]
+    hyps = [r["hypothesis_norm"] for r in rows]
+    return {"wer": _rate("wer", refs, hyps), "cer": _rate("cer", refs, hyps), "n": len(rows),
+            "seconds": time.perf_counter() - start, "language": base.language,
+            "skipped": [list(s) for s in skipped], "rows": rows}
+
+
+def _batch_features(model: Whisper, batch: list[Item], cache: Optional[FeatureCache],
+                    skipped: list[tuple[str, str]]) -> tuple[list[Item], np.ndarray]:
+    """Encoder features for the loadable items of ``batch`` (cached ones are not re-run)."""
+    ok, feats, missing, mels = [], [], [], []
+    for it in batch:
+        if cache is not None and it in cache:
+            ok.append(it)
+            feats.append(cache.get(it))
+            continue
+        try:
+            mel = it.mel if isinstance(it, TokenizedExample) else load_mel(it.audio, model.dims.n_mels)
+        except (AudioError, ClipTooLongError) as e:
+            log.warning("skipping %s: %s", it.name, e)
+            skipped.append((it.name, str(e)))
+            continue
+        ok.append(it)
+        feats.append(None)
+        missing.append(len(ok) - 1)
+        mels.append(mel)
+    if mels:
+        for k, f in zip(missing, encode_mels(model, np.stack(mels))):
+            feats[k] = f
+            if cache is not None:
+                cache.put(ok[k], f)
+    return ok, np.stack(feats) if feats else np.zeros((0,))
+
+
+def _row(it: Item, hypothesis: str, language: str) -> dict[str, Any]:
+    ref_n, hyp_n = normalize(it.text), normalize(hypothesis)
+    return {"audio": it.name, "language": language, "reference": it.text, "hypothesis": hypothesis,
+            "reference_norm": ref_n, "hypothesis_norm": hyp_n,
+            "wer": _rate("wer", [ref_n], [hyp_n]), "cer": _rate("cer", [ref_n], [hyp_n])}
+
+
+def save_hypotheses(result: dict[str, Any], path: Union[str, os.PathLike]) -> list[Path]:
+    """Write ``result`` as ``.tsv`` (one row per utterance) or ``.json`` (everything),
+    chosen by the extension; any other name gets both ``<path>.tsv`` and ``<path>.json``."""
+    p = Path(path)
+    targets = [p] if p.suffix in (".tsv", ".json") else [Path(f"{p}.tsv"), Path(f"{p}.json")]
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        if t.suffix == ".json":
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                     for k, v in result.items()}
+            t.write_text(json.dumps(clean, ensure_ascii=False, indent=1), encoding="utf-8")
+            continue
+        cols = ["audio", "language", "reference", "hypothesis", "reference_norm", "hypothesis_norm",
+                "wer", "cer"]
+        lines = ["\t".join(cols)]  # tabs and newlines inside texts become spaces
+        lines += ["\t".join(" ".join(str(r[c]).split()) for c in cols) for r in result["rows"]]
+        t.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return targets

@@ -1,0 +1,504 @@
+"""One training loop for every stage (fine-tune, recover, shear).
+
+Stages differ only in the model, the loss function, which parameters train and
+how they are evaluated, so those are arguments and the loop is shared: AdamW with
+warm-up + decay, global-norm clipping, gradient accumulation, periodic evaluation
+with best-model saving and early stopping, atomic checkpoints that resume
+bit-identically, clean Ctrl-C handling and a hard stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint,
+                         read_checkpoint_state, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], tuple[mx.array, dict[str, mx.array]]]
+TrainableFilter = Union[Callable[[str], bool], Sequence[str]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the bad update was not applied."""
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from a batcher (e.g. training.data.Batcher).
+
+    ``state_dict()`` must be JSON-able and describe the position *after* the last
+    batch yielded; ``iter()`` is called again when an epoch ends.
+    """
+
+    def __iter__(self) -> Iterator[Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_steps: int = 1000  # optimizer steps (each = grad_accum micro-batches)
+    schedule: str = "linear"  # decay after warm-up: "linear" | "cosine" | "constant"
+    final_lr_ratio: float = 0.0  # lr at max_steps, as a fraction of lr
+    grad_clip: Optional[float] = 1.0  # global norm; None = no clipping
+    grad_accum: int = 1
+    eval_every: int = 0  # 0 = only at the end (if an evaluate_fn is given)
+    save_every: int = 0  # 0 = only at the end / on interrupt
+    keep_checkpoints: int = 3
+    seed: int = 0
+    log_every: int = 10
+    patience: Optional[int] = None  # evaluations without improvement before stopping
+    compile: bool = False  # mx.compile the forward/backward and the update
+    progress: bool = True  # tqdm bar
+    plot: bool = True  # write metrics.png at the end (needs matplotlib)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant, not {self.schedule!r}")
+        if self.grad_accum < 1 or self.max_steps < 1 or self.warmup_steps < 0:
+            raise ValueError("need grad_accum >= 1, max_steps >= 1, warmup_steps >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "early_stopped" | "interrupted"
+    step: int
+    best_metric: Optional[float]
+    checkpoint: Optional[Path]
+    loss: Optional[float]  # mean training loss of the last logging window
+
+
+def build_schedule(cfg: TrainConfig) -> Callable[[mx.array], mx.array]:
+    """Linear warm-up to ``lr`` (first update already uses lr/warmup), then decay."""
+    lr, w = cfg.lr, cfg.warmup_steps
+    end = lr * cfg.final_lr_ratio
+    n = max(cfg.max_steps - w, 1)
+    if cfg.schedule == "cosine":
+        decay = optim.cosine_decay(lr, n, end)
+    elif cfg.schedule == "linear":
+        decay = optim.linear_schedule(lr, end, n)
+    else:
+        decay = lambda step: mx.array(lr, dtype=mx.float32)  # noqa: E731
+    if w == 0:
+        return decay
+    warm = optim.linear_schedule(lr / w, lr, w - 1) if w > 1 else (lambda s: mx.array(lr))
+    return optim.join_schedules([warm, decay], [w])
+
+
+def apply_trainable_filter(model: nn.Module, keep: TrainableFilter) -> list[str]:
+    """Freeze everything, then unfreeze parameters whose dotted name passes ``keep``
+    (a predicate, or a list of name prefixes such as ``["decoder."]``)."""
+    if not callable(keep):
+        prefixes = tuple(keep)
+        keep = lambda name: name.startswith(prefixes)  # noqa: E731
+    modules = dict(model.named_modules())
+    chosen = [n for n, _ in tree_flatten(model.parameters()) if keep(n)]
+    if not chosen:
+        raise ValueError("trainable_filter matches no parameter")
+    model.freeze()
+    for name in chosen:
+        owner, _, key = name.rpartition(".")
+        modules[owner].unfreeze(recurse=False, keys=[key])
+    return chosen
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Default best-model saver: ``path/weights.safetensors``, swapped in atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_weights(str(tmp / "weights.safetensors"))
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        import shutil
+        shutil.rmtree(old)
+
+
+class _Bundle(nn.Module):
+    """The model plus jointly trained extras (e.g. a temperature), as one tree."""
+
+    def __init__(self, model: nn.Module, extra: dict[str, nn.Module]):
+        super().__init__()
+        self.model = model
+        self.extra = extra
+
+
+def _field(batch: Any, names: Sequence[str]) -> Any:
+    for n in names:
+        v = batch.get(n) if isinstance(batch, Mapping) else getattr(batch, n, None)
+        if v is not None:
+            return v
+    return None
+
+
+def count_batch(batch: Any) -> tuple[int, int]:
+    """(items, tokens) of a batch, for throughput; best effort on dicts/objects/tuples."""
+    mask = _field(batch, ("mask", "loss_mask", "target_mask"))
+    toks = _field(batch, ("tokens", "targets", "labels"))
+    first = _field(batch, ("mel", "audio_features", "tokens", "targets"))
+    if first is None and isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+    items = int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 0
+    if mask is not None:
+        tokens = int(mx.array(mask).astype(mx.float32).sum().item())
+    else:
+        tokens = int(toks.size) if hasattr(toks, "size") else 0
+    return items, tokens
+
+
+class _Sigint:
+    """First Ctrl-C asks the loop to stop after the current step; a second one
+    raises KeyboardInterrupt at once. Only active in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._prev: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "_Sigint":
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+
+
+class Trainer:
+    """Trains ``model`` on ``loss_fn(model, batch) -> (loss, {name: scalar})``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        config: TrainConfig,
+        out_dir: str | os.PathLike,
+        trainable_filter: Optional[TrainableFilter] = None,
+        extra_modules: Optional[Mapping[str, nn.Module]] = None,
+        evaluate_fn: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
+        metric: str = "wer",
+        lower_is_better: bool = True,
+        save_best: Optional[Callable[[nn.Module, Path], None]] = None,
+        count_fn: Callable[[Any], tuple[int, int]] = count_batch,
+    ):
+        self.model, self.loss_fn, self.config = model, loss_fn, config
+        self.out_dir = Path(out_dir)
+        self.extra_modules = dict(extra_modules or {})
+        self.evaluate_fn, self.metric, self.lower_is_better = evaluate_fn, metric, lower_is_better
+        self.save_best = save_best or save_weights
+        self.count_fn = count_fn
+        if trainable_filter is not None:
+            apply_trainable_filter(model, trainable_filter)
+        self.bundle = _Bundle(model, self.extra_modules)
+        self.optimizer = optim.AdamW(learning_rate=build_schedule(config),
+                                     weight_decay=config.weight_decay)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self._reset_counters()
+
+    # -- state ------------------------------------------------------------------
+
+    def _reset_counters(self) -> None:
+        self.step = 0
+        self.best: Optional[float] = None
+        self.bad_evals = 0
+        self.last_eval_step = -1
+        self.elapsed_before = 0.0
+
+    def _counters(self) -> dict[str, Any]:
+        return {"step": self.step, "best": self.best, "bad_evals": self.bad_evals,
+                "last_eval_step": self.last_eval_step, "elapsed": self._elapsed()}
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self._t0)
+
+    def _save(self, data_state: dict[str, Any], rng: dict[str, Any]) -> Path:
+        lr = float(self.optimizer.state.get("learning_rate", mx.array(self.config.lr)).item())
+        extra = {"trainer": self._counters(), "data": data_state,
+                 "schedule": {"optimizer_step": self.step, "lr": lr}}
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra,
+                               extra_modules=self.extra_modules, config=self.config.to_dict(),
+                               rng_state=rng, keep=self.config.keep_checkpoints)
+        self._saved_step = self.step
+        return path
+
+    def _resume(self, batches: BatchSource) -> bool:
+        if latest_checkpoint(self.out_dir) is None:
+            log.info("no checkpoint in %s: starting from scratch", self.out_dir)
+            return False
+        old_cfg = read_checkpoint_state(self.out_dir).get("config", {})
+        diff = {k: (old_cfg.get(k), v) for k, v in self.config.to_dict().items()
+                if k in old_cfg and old_cfg[k] != v}
+        if diff:
+            log.warning("resuming with a changed config (old, new): %s", diff)
+        extra = load_checkpoint(self.out_dir, self.model, self.optimizer,
+                                extra_modules=self.extra_modules)
+        t = extra["trainer"]
+        self.step, self.best, self.bad_evals = t["step"], t["best"], t["bad_evals"]
+        self.last_eval_step, self.elapsed_before = t["last_eval_step"], t["elapsed"]
+        batches.load_state_dict(extra["data"])
+        self._truncate_metrics(self.step)
+        log.info("resumed from step %d", self.step)
+        return True
+
+    # -- logging ------------------------------------------------------------------
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records past ``step`` (written after the checkpoint we resume from)."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, self.metrics_path)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- one optimizer step ----------------------------------------------------------
+
+    def _update(self, grads: Any) -> None:
+        self.optimizer.update(self.bundle, grads)
+
+    def _build_step_fns(self) -> None:
+        """Built after a resume, because loading replaces the optimizer state object
+        that a compiled update captures."""
+        self.optimizer.init(self.bundle.trainable_parameters())
+        grad_fn = nn.value_and_grad(self.bundle, lambda b: self.loss_fn(self.model, b))
+        self._grad_fn, self._update_fn = grad_fn, self._update
+        if self.config.compile:
+            s1 = [self.bundle.state, mx.random.state]
+            self._grad_fn = mx.compile(grad_fn, inputs=s1, outputs=s1)
+            s2 = [self.bundle.state, self.optimizer.state]
+            self._update_fn = mx.compile(self._update, inputs=s2, outputs=s2)
+
+    def _accumulate(self, next_batch: Callable[[], Any]) -> tuple[float, dict[str, float], Any, int, int]:
+        n = self.config.grad_accum
+        total, logs_sum, grads_sum, items, tokens = 0.0, {}, None, 0, 0
+        for _ in range(n):
+            batch = next_batch()
+            (loss, logs), grads = self._grad_fn(batch)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            mx.eval(loss, logs, grads_sum)
+            value = float(loss.item())
+            if not math.isfinite(value):
+                self._non_finite("loss", value)
+            total += value
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(mx.array(v).item())
+            i, t = self.count_fn(batch)
+            items, tokens = items + i, tokens + t
+        if n > 1:
+            grads_sum = tree_map(lambda g: g / n, grads_sum)
+        return total / n, {k: v / n for k, v in logs_sum.items()}, grads_sum, items, tokens
+
+    def _non_finite(self, what: str, value: float) -> None:
+        ckpt = latest_checkpoint(self.out_dir)
+        raise NonFiniteLossError(
+            f"{what} became {value} at step {self.step + 1}; the last good checkpoint is "
+            f"{ckpt if ckpt else 'none (nothing was saved yet)'}. The bad update was not applied.")
+
+    def _evaluate(self) -> tuple[dict[str, float], bool]:
+        self.model.eval()
+        try:
+            res = {k: float(v) for k, v in self.evaluate_fn(self.model).items()}
+        finally:
+            self.model.train()
+        self.last_eval_step = self.step
+        value = res[self.metric]
+        better = self.best is None or (value < self.best if self.lower_is_better else value > self.best)
+        if better:
+            self.best, self.bad_evals = value, 0
+            self.save_best(self.model, self.out_dir / "best")
+            (self.out_dir / "best.json").write_text(json.dumps({"step": self.step, **res}))
+        else:
+            self.bad_evals += 1
+        self._write_metrics({"kind": "eval", "step": self.step, "elapsed": self._elapsed(),
+                             "best": better, **{f"eval_{k}": v for k, v in res.items()}})
+        log.info("step %d: %s (best %s %.4g)", self.step, res, self.metric, self.best)
+        return res, better
+
+    # -- the loop -----------------------------------------------------------------
+
+    def train(self, batches: BatchSource, resume: bool = False) -> TrainResult:
+        """Run until max_steps, early stop or interrupt; see TrainResult.status."""
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.monotonic()
+        self._saved_step = -1
+        self._reset_counters()
+        if not (resume and self._resume(batches)):
+            mx.random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()
+        self._build_step_fns()
+        self.model.train()
+        state = {"it": iter(batches)}
+
+        def next_batch() -> Any:
+            try:
+                return next(state["it"])
+            except StopIteration:
+                state["it"] = iter(batches)  # next epoch
+                try:
+                    return next(state["it"])
+                except StopIteration:
+                    raise RuntimeError("the batch source yields no batches") from None
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress,
+                   dynamic_ncols=True, desc="train")
+        status, last_loss, in_update = "completed", None, False
+        start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
+        win = {"loss": 0.0, "n": 0, "items": 0, "tokens": 0, "t": time.monotonic(), "logs": {}}
+        try:
+            with _Sigint() as sigint:
+                while self.step < cfg.max_steps:
+                    loss, logs, grads, items, tokens = self._accumulate(next_batch)
+                    gnorm = None
+                    if cfg.grad_clip is not None:
+                        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+                        gnorm = float(norm.item())
+                        if not math.isfinite(gnorm):
+                            self._non_finite("gradient norm", gnorm)
+                    in_update = True
+                    self._update_fn(grads)
+                    mx.eval(self.bundle.parameters(), self.optimizer.state)
+                    self.step += 1
+                    in_update = False
+                    start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
+
+                    win["loss"] += loss
+                    win["n"] += 1
+                    win["items"] += items
+                    win["tokens"] += tokens
+                    for k, v in logs.items():
+                        win["logs"][k] = win["logs"].get(k, 0.0) + v
+                    if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.max_steps:
+                        dt = max(time.monotonic() - win["t"], 1e-9)
+                        last_loss = win["loss"] / win["n"]
+                        rec = {"kind": "train", "step": self.step, "loss": last_loss,
+                               "lr": float(self.optimizer.learning_rate.item()),
+                               **{k: v / win["n"] for k, v in win["logs"].items()},
+                               "items_per_s": win["items"] / dt, "tokens_per_s": win["tokens"] / dt,
+                               "elapsed": self._elapsed()}
+                        if gnorm is not None:
+                            rec["grad_norm"] = gnorm
+                        self._write_metrics(rec)
+                        bar.set_postfix(loss=f"{last_loss:.4f}", items_s=f"{rec['items_per_s']:.1f}",
+                                        tok_s=f"{rec['tokens_per_s']:.0f}")
+                        win = {"loss": 0.0, "n": 0, "items": 0, "tokens": 0,
+                               "t": time.monotonic(), "logs": {}}
+                    bar.update(1)
+
+                    stop = False
+                    if self.evaluate_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._evaluate()
+                        stop = cfg.patience is not None and self.bad_evals >= cfg.patience
+                        start = (start[0], capture_rng_state())  # eval may draw random numbers
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self._save(*start)
+                    if stop:
+                        status = "early_stopped"
+                        log.info("early stop: no %s improvement in %d evaluations",
+                                 self.metric, cfg.patience)
+                        break
+                    if sigint.requested:
+                        status = "interrupted"
+                        break
+        except KeyboardInterrupt:
+            status = "interrupted"
+        finally:
+            bar.close()
+
+        if status == "interrupted":
+            if in_update:
+                log.warning("interrupted during an update: not saving; last checkpoint is %s",
+                            latest_checkpoint(self.out_dir))
+            else:
+                path = self._save(*start)
+                log.warning("interrupted at step %d; checkpoint saved to %s "
+                            "(resume with resume=True)", self.step, path)
+            return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir),
+                               last_loss)
+
+        if self.evaluate_fn and self.last_eval_step != self.step:
+            self._evaluate()
+        if self._saved_step != self.step:
+            self._save(*start)
+        if cfg.plot:
+            plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
+        return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir),
+                           last_loss)
+
+
+def plot_metrics(metrics_jsonl: str | os.PathLike, png_path: str | os.PathLike) -> Optional[Path]:
+    """Training loss and dev-metric curves as a PNG; skipped (None) without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.info("matplotlib is not installed: skipping the metrics plot "
+                 "(pip install 'mlx-baldwhisper[plot]')")
+        return None
+    records = [json.loads(ln) for ln in Path(metrics_jsonl).read_text().splitlines() if ln.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    keys = sorted({k for r in evals for k in r if k.startswith("eval_")})
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2 if keys else 1, 1)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax.set(xlabel="step", ylabel="training loss", title="loss")
+    if keys:
+        ax2 = fig.add_subplot(1, 2, 2)
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in evals if isinstance(r.get(k), (int, float))]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=k[5:])
+        ax2.set(xlabel="step", title="dev")
+        ax2.legend()
+    fig.tight_layout()
+    out = Path(png_path)
+    fig.savefig(out, dpi=100)
+    return out

@@ -1,0 +1,102 @@
+"""Losses against hand-written numpy references on small arrays."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_baldwhisper.training.losses import (LearnableTemperature, cross_entropy,
+                                             distillation_loss, feature_distance,
+                                             kl_distillation)
+
+RNG = np.random.default_rng(0)
+B, T, V = 2, 5, 7
+S = RNG.normal(size=(B, T, V)).astype(np.float32) * 2
+TE = RNG.normal(size=(B, T, V)).astype(np.float32) * 2
+Y = RNG.integers(0, V, size=(B, T))
+M = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=np.float32)
+
+
+def np_log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_kl(s, t, mask, temp):
+    lt, ls = np_log_softmax(t / temp), np_log_softmax(s / temp)
+    kl = (np.exp(lt) * (lt - ls)).sum(-1)
+    return (kl * mask).sum() / mask.sum() * temp**2
+
+
+def test_cross_entropy_matches_numpy():
+    lp = np_log_softmax(S)
+    nll = -np.take_along_axis(lp, Y[..., None], -1)[..., 0]
+    ref = (nll * M).sum() / M.sum()
+    got = cross_entropy(mx.array(S), mx.array(Y), mx.array(M)).item()
+    assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_cross_entropy_half_precision_logits():
+    got = cross_entropy(mx.array(S).astype(mx.float16), mx.array(Y), mx.array(M))
+    assert got.dtype == mx.float32
+    ref = cross_entropy(mx.array(S), mx.array(Y), mx.array(M)).item()
+    assert got.item() == pytest.approx(ref, rel=1e-2)
+
+
+@pytest.mark.parametrize("temp", [0.7, 1.0, 2.5])
+def test_kl_matches_numpy(temp):
+    got = kl_distillation(mx.array(S), mx.array(TE), mx.array(M), mx.array(temp)).item()
+    assert got == pytest.approx(np_kl(S, TE, M, temp), rel=1e-5)
+
+
+def test_kl_zero_for_identical_and_no_teacher_gradient():
+    assert kl_distillation(mx.array(S), mx.array(S), mx.array(M), 2.0).item() == pytest.approx(0, abs=1e-6)
+    g = mx.grad(lambda t: kl_distillation(mx.array(S), t, mx.array(M), 2.0))(mx.array(TE))
+    assert np.all(np.array(g) == 0)
+
+
+def test_learnable_temperature_positive_clipped_and_trainable():
+    temp = LearnableTemperature(init=2.0, min_value=0.5, max_value=4.0)
+    assert temp().item() == pytest.approx(2.0, rel=1e-6)
+    assert "log_temperature" in dict(nn.utils.tree_flatten(temp.trainable_parameters()))
+    temp.log_temperature = mx.array(math.log(100.0))
+    assert temp().item() == pytest.approx(4.0)
+    temp.log_temperature = mx.array(-50.0)
+    assert temp().item() == pytest.approx(0.5)
+
+    # d loss / d log T against a float64 finite difference of the numpy reference
+    temp.log_temperature = mx.array(math.log(1.5))
+
+    def f(params):
+        temp.update(params)
+        return kl_distillation(mx.array(S), mx.array(TE), mx.array(M), temp())
+
+    g = mx.grad(f)(temp.trainable_parameters())["log_temperature"].item()
+    eps = 1e-5
+    num = (np_kl(S, TE, M, 1.5 * math.exp(eps)) - np_kl(S, TE, M, 1.5 * math.exp(-eps))) / (2 * eps)
+    assert g == pytest.approx(num, rel=1e-3, abs=1e-5)
+
+
+def test_feature_distance_matches_numpy():
+    a = RNG.normal(size=(4, 6)).astype(np.float32)
+    b = RNG.normal(size=(4, 6)).astype(np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    cos = (a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1))
+    ref = np.abs(a64 - b64).mean() - np.log(1 / (1 + np.exp(-cos))).mean()
+    assert feature_distance(mx.array(a), mx.array(b)).item() == pytest.approx(ref, rel=1e-5)
+    same = feature_distance(mx.array(a), mx.array(a)).item()
+    assert same == pytest.approx(-math.log(1 / (1 + math.exp(-1))), rel=1e-5)
+
+
+def test_distillation_loss_combines_terms():
+    temp = mx.array(2.0)
+    loss, parts = distillation_loss(mx.array(S), mx.array(TE), mx.array(Y), mx.array(M), temp,
+                                    ce_weight=0.3, kl_weight=0.7)
+    ce = cross_entropy(mx.array(S), mx.array(Y), mx.array(M)).item()
+    assert parts["ce"].item() == pytest.approx(ce)
+    assert parts["kl"].item() == pytest.approx(np_kl(S, TE, M, 2.0), rel=1e-5)
+    assert loss.item() == pytest.approx(0.3 * ce + 0.7 * parts["kl"].item(), rel=1e-6)
+    assert parts["temperature"].item() == 2.0

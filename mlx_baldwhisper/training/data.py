@@ -117,20 +117,18 @@ def read_manifest(path: Union[str, os.PathLike], language: Optional[str] = None,
     rows = _read_rows(p)
     if not rows:
         return []
-    cols = list(rows[0][1].keys())
-    audio_col = _pick(cols, AUDIO_KEYS, "audio path", p)
-    text_col = _pick(cols, TEXT_KEYS, "transcript", p)
-    lang_col = next((c for c in LANGUAGE_KEYS if c in cols), None)
-    dur_col = next((c for c in DURATION_KEYS if c in cols), None)
+    cols = list(dict.fromkeys(k for _, row in rows for k in row))  # JSONL rows may differ
+    _check_column(cols, AUDIO_KEYS, "audio path", p)
+    _check_column(cols, TEXT_KEYS, "transcript", p)
     base = p.parent.absolute()
     out = []
     for line, row in rows:
-        audio = str(row.get(audio_col) or "").strip()
+        audio = str(_first(row, AUDIO_KEYS) or "").strip()
         if not audio:
-            raise ManifestError(f"{p}:{line}: empty {audio_col!r}")
-        lang = _norm_language(row.get(lang_col)) if lang_col else None
-        out.append(Example(_resolve(base, audio), str(row.get(text_col) or ""),
-                           lang or language, _duration(row.get(dur_col), p, line)))
+            raise ManifestError(f"{p}:{line}: no audio path (one of {list(AUDIO_KEYS)})")
+        lang = _norm_language(_first(row, LANGUAGE_KEYS))
+        out.append(Example(_resolve(base, audio), str(_first(row, TEXT_KEYS) or ""),
+                           lang or language, _duration(_first(row, DURATION_KEYS), p, line)))
     return out
 
 
@@ -140,7 +138,7 @@ def read_split(folder: Union[str, os.PathLike], split: str, language: Optional[s
     for suffix in MANIFEST_SUFFIXES:
         if (folder / f"{split}{suffix}").is_file():
             return read_manifest(folder / f"{split}{suffix}", language)
-    found = sorted(f.name for f in folder.glob("*") if f.suffix in MANIFEST_SUFFIXES) if folder.is_dir() else []
+    found = sorted(f.name for f in folder.glob("*") if f.suffix in MANIFEST_SUFFIXES)
     raise FileNotFoundError(f"no manifest for split {split!r} in {folder} (found: {found or 'none'})")
 
 
@@ -173,11 +171,18 @@ def _lower_keys(row: Any) -> dict[str, Any]:
     return {str(k).strip().lower(): v for k, v in row.items() if k is not None}
 
 
-def _pick(cols: list[str], keys: Sequence[str], what: str, p: Path) -> str:
+def _check_column(cols: list[str], keys: Sequence[str], what: str, p: Path) -> None:
+    if not any(k in cols for k in keys):
+        raise ManifestError(f"{p}: no {what} column; expected one of {list(keys)}, found {cols}")
+
+
+def _first(row: dict[str, Any], keys: Sequence[str]) -> Any:
+    """The first of ``keys`` present in the row with a non-empty value."""
     for k in keys:
-        if k in cols:
-            return k
-    raise ManifestError(f"{p}: no {what} column; expected one of {list(keys)}, found {cols}")
+        v = row.get(k)
+        if v is not None and str(v).strip() != "":
+            return v
+    return None
 
 
 def _resolve(base: Path, audio: str) -> str:

@@ -1,0 +1,172 @@
+"""Make MLX's CPU matmuls use an optimised BLAS on Linux.
+
+The ``mlx-cpu`` wheel links the reference Netlib BLAS (~30-50x slower sgemm).
+libmlx.so resolves ``cblas_sgemm`` (and the LAPACK ``*_`` routines) through
+the global symbol scope, so an optimised BLAS loaded with RTLD_GLOBAL *before*
+``import mlx.core`` interposes them. This module finds and loads one.
+Env: ``MLX_BALDWHISPER_BLAS=reference`` opts out, ``=/path/libblas.so`` picks one;
+BLAS threads default to 1 unless OPENBLAS_NUM_THREADS/MKL_NUM_THREADS/OMP_NUM_THREADS is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import logging
+import os
+import platform
+import sys
+import tempfile
+from typing import Iterator, Optional
+
+log = logging.getLogger("mlx_baldwhisper")
+ENV_VAR = "MLX_BALDWHISPER_BLAS"
+_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+_result: Optional[str] = None
+_handles: list = []  # keep loaded libraries (and their symbols) alive
+
+
+def _site_glob(pattern: str) -> list[str]:
+    """Glob ``pattern`` in every sys.path dir, without importing anything."""
+    dirs = dict.fromkeys(p for p in sys.path if p and os.path.isdir(p))
+    return [f for d in dirs for f in sorted(glob.glob(os.path.join(d, pattern)))]
+
+
+def candidates() -> list[str]:
+    """Default search order, fastest and most self-contained first."""
+    return (
+        _site_glob("ngsolve_openblas/libopenblas*.so*")  # pip: OpenBLAS 0.3.33 DYNAMIC_ARCH
+        + ["libopenblas.so.0", "libopenblasp.so.0"]  # distro OpenBLAS via ld.so cache
+        + _site_glob("cvxopt.libs/libopenblas*.so*")  # pip: OpenBLAS 0.3.15, bundled gfortran
+        + sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))  # pip: mkl
+    )
+
+
+def _coretype() -> Optional[str]:
+    """OPENBLAS_CORETYPE from CPU flags: old OpenBLAS misdetects new CPUs (Zen4 -> Barcelona, 5x slower)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return None
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags:
+        return "SkylakeX"  # AVX-512 kernels; also right for Zen4/5, Ice Lake, Sapphire Rapids
+    return "Haswell" if {"avx2", "fma"} <= flags else None  # AVX2 kernels (Zen1-3 too)
+
+
+@contextlib.contextmanager
+def _env_defaults(**kv: Optional[str]) -> Iterator[None]:
+    """Set env vars that are unset (OpenBLAS reads them when loaded), then restore."""
+    added = [k for k, v in kv.items() if v is not None and k not in os.environ]
+    for k in added:
+        os.environ[k] = str(kv[k])
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def _dlopen(path: str) -> ctypes.CDLL:
+    """dlopen (RTLD_LOCAL, promoted later); borrow a wheel's libgfortran if it is missing."""
+    try:
+        return ctypes.CDLL(path)
+    except OSError as e:
+        if "libgfortran" not in str(e) or not os.path.isabs(path):
+            raise
+    here = os.path.dirname(path)  # cvxopt.libs style: hashed gfortran beside the lib
+    for pat in ("libquadmath*", "libgfortran*"):
+        for dep in sorted(glob.glob(os.path.join(here, pat))):
+            _handles.append(ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL))
+    try:
+        return ctypes.CDLL(path)
+    except OSError as e:
+        if "libgfortran.so.5" not in str(e):
+            raise
+    # It wants the distro's libgfortran.so.5 (absent): load a wheel's copy (mlx-cpu ships
+    # one), then open the lib via a symlink dir so its $ORIGIN lookup of libgfortran.so.5
+    # lands on that same, already-loaded file.
+    gf = (_site_glob("mlx_cpu.libs/libgfortran*.so.5*") + _site_glob("*.libs/libgfortran*.so.5*"))[0]
+    _handles.append(ctypes.CDLL(gf, mode=ctypes.RTLD_GLOBAL))
+    with tempfile.TemporaryDirectory(prefix="mlxbw-blas-") as tmp:
+        os.symlink(gf, os.path.join(tmp, "libgfortran.so.5"))
+        os.symlink(path, os.path.join(tmp, os.path.basename(path)))
+        return ctypes.CDLL(os.path.join(tmp, os.path.basename(path)))
+
+
+def _describe(lib: ctypes.CDLL) -> Optional[str]:
+    """Name an optimised BLAS from its marker symbols; None if it is not one."""
+    if hasattr(lib, "openblas_get_config"):
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        conf, core = lib.openblas_get_config().decode().strip(), lib.openblas_get_corename().decode()
+        return f"{conf}, core {core}"
+    return "Intel MKL" if hasattr(lib, "MKL_Get_Version_String") else None
+
+
+def _try(path: str, explicit: bool) -> Optional[str]:
+    """Load one candidate, verify it, then make its symbols global; None if unusable."""
+    user_threads = any(v in os.environ for v in _THREAD_VARS)
+    threads = None if user_threads else "1"
+    try:
+        with _env_defaults(OPENBLAS_CORETYPE=_coretype(), OPENBLAS_NUM_THREADS=threads):
+            lib = _dlopen(path)
+        desc = _describe(lib) or ("custom BLAS" if explicit else None)
+        if not hasattr(lib, "cblas_sgemm") or desc is None:
+            raise OSError("no cblas_sgemm or not an optimised BLAS")
+        # Same name -> same already-loaded object, now added to the global scope.
+        lib = ctypes.CDLL(lib._name, mode=ctypes.RTLD_GLOBAL)
+    except Exception as e:  # OSError, or no wheel libgfortran to borrow
+        (log.warning if explicit else log.debug)("BLAS candidate %s unusable: %s", path, e)
+        return None
+    if not user_threads:  # 1 thread: OpenBLAS spin-waits stall beside MLX's thread on few cores
+        for fn in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+            if hasattr(lib, fn):
+                getattr(lib, fn)(1)
+    _handles.append(lib)
+    return desc
+
+
+def _ensure() -> str:
+    if not sys.platform.startswith("linux"):
+        log.info("BLAS: left to the platform (%s)", sys.platform)  # macOS: Accelerate
+        return "system"
+    choice = os.environ.get(ENV_VAR, "").strip()
+    if choice.lower() == "reference":
+        log.info("BLAS: reference Netlib BLAS (%s=reference)", ENV_VAR)
+        return "reference"
+    glob_lib = ctypes.CDLL(None)
+    pre = _describe(glob_lib) if hasattr(glob_lib, "cblas_sgemm") else None
+    if pre:  # e.g. LD_PRELOAD or already loaded by us/the user
+        log.info("BLAS: %s (already in global scope)", pre)
+        return "preloaded"
+    if "mlx.core" in sys.modules:
+        log.warning("BLAS: mlx.core was imported before mlx_baldwhisper, so it keeps the slow "
+                    "reference BLAS; import mlx_baldwhisper first")
+        return "reference"
+    for path in ([choice] if choice else []) + candidates():
+        desc = _try(path, explicit=path == choice)
+        if desc:
+            log.info("BLAS: %s (%s)", os.path.realpath(path) if os.path.isabs(path) else path, desc)
+            return path
+    log.warning("BLAS: no optimised BLAS found; MLX uses the reference BLAS and decoding will be "
+                "very slow. Fix: pip install ngsolve-openblas (x86-64) or apt install libopenblas0")
+    return "reference"
+
+
+def ensure_fast_blas() -> str:
+    """Load an optimised BLAS before mlx.core is imported; idempotent, never raises.
+
+    Returns the library path/name loaded, "preloaded", "reference" or "system".
+    """
+    global _result
+    if _result is None:
+        try:
+            _result = _ensure()
+        except Exception as e:  # never break the package import over speed
+            log.warning("BLAS: setup failed (%s); using the slow reference BLAS", e)
+            _result = "reference"
+    return _result

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import click
 
+import mlx_baldwhisper  # noqa: F401  before mlx.core: selects the optimised BLAS on Linux
+
 
 def reference_batches(folder: Path, n_mels: int):
     import mlx.core as mx

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+import mlx_baldwhisper  # noqa: F401  before mlx.core: selects the optimised BLAS on Linux
+
 
 def audio_batch(batch: int, n_mels: int):
     """Real speech windows: the shared English clips if present, else the shipped sample."""

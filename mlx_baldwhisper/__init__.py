@@ -1,10 +1,8 @@
 """mlx-baldwhisper: Whisper in MLX, with BaldWhisper compression and on-laptop training."""
 
-try:  # TEMP until _blas lands
-    from ._blas import ensure_fast_blas
-    BLAS = ensure_fast_blas()  # must run before mlx.core is first imported
-except ImportError:
-    BLAS = "reference"
+from ._blas import ensure_fast_blas
+
+BLAS = ensure_fast_blas()  # must run before mlx.core is first imported (see _blas.py)
 
 from .load import load_model  # noqa: E402
 from .transcribe import transcribe  # noqa: E402

@@ -1,10 +1,9 @@
 """Make MLX's CPU matmuls use an optimised BLAS on Linux.
 
-The ``mlx-cpu`` wheel links the reference Netlib BLAS (~30-50x slower sgemm).
-libmlx.so resolves ``cblas_sgemm`` (and the LAPACK ``*_`` routines) through
-the global symbol scope, so an optimised BLAS loaded with RTLD_GLOBAL *before*
-``import mlx.core`` interposes them. This module finds and loads one.
-Env: ``MLX_BALDWHISPER_BLAS=reference`` opts out, ``=/path/libblas.so`` picks one;
+The ``mlx-cpu`` wheel links the reference Netlib BLAS (sgemm ~30-50x slower than OpenBLAS).
+libmlx.so resolves ``cblas_sgemm`` (and LAPACK's ``*_`` routines) through the global symbol
+scope, so an optimised BLAS loaded with RTLD_GLOBAL *before* ``import mlx.core`` interposes.
+Env: ``MLX_BALDWHISPER_BLAS=reference`` opts out, ``=/path/libblas.so`` picks a library.
 BLAS threads default to 1 unless OPENBLAS_NUM_THREADS/MKL_NUM_THREADS/OMP_NUM_THREADS is set.
 """
 
@@ -24,7 +23,7 @@ log = logging.getLogger("mlx_baldwhisper")
 ENV_VAR = "MLX_BALDWHISPER_BLAS"
 _THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
 _result: Optional[str] = None
-_handles: list = []  # keep loaded libraries (and their symbols) alive
+_handles: list[ctypes.CDLL] = []  # keep loaded libraries alive
 
 
 def _site_glob(pattern: str) -> list[str]:
@@ -34,17 +33,17 @@ def _site_glob(pattern: str) -> list[str]:
 
 
 def candidates() -> list[str]:
-    """Default search order, fastest and most self-contained first."""
+    """Default search order: newest/fastest OpenBLAS first, then distro, cvxopt's, MKL."""
     return (
-        _site_glob("ngsolve_openblas/libopenblas*.so*")  # pip: OpenBLAS 0.3.33 DYNAMIC_ARCH
-        + ["libopenblas.so.0", "libopenblasp.so.0"]  # distro OpenBLAS via ld.so cache
-        + _site_glob("cvxopt.libs/libopenblas*.so*")  # pip: OpenBLAS 0.3.15, bundled gfortran
-        + sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))  # pip: mkl
+        _site_glob("ngsolve_openblas/libopenblas*.so*")  # pip, OpenBLAS 0.3.33 DYNAMIC_ARCH
+        + ["libopenblas.so.0", "libopenblasp.so.0"]  # distro package, via the ld.so cache
+        + _site_glob("cvxopt.libs/libopenblas*.so*")  # pip, OpenBLAS 0.3.15 single-threaded
+        + sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))  # pip mkl
     )
 
 
 def _coretype() -> Optional[str]:
-    """OPENBLAS_CORETYPE from CPU flags: old OpenBLAS misdetects new CPUs (Zen4 -> Barcelona, 5x slower)."""
+    """OPENBLAS_CORETYPE from CPU flags: old OpenBLAS misdetects new CPUs (Zen4 -> Barcelona)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
@@ -53,16 +52,15 @@ def _coretype() -> Optional[str]:
     except (OSError, StopIteration):
         return None
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags:
-        return "SkylakeX"  # AVX-512 kernels; also right for Zen4/5, Ice Lake, Sapphire Rapids
+        return "SkylakeX"  # AVX-512 kernels: also right for Zen4/5, Ice Lake, Sapphire Rapids
     return "Haswell" if {"avx2", "fma"} <= flags else None  # AVX2 kernels (Zen1-3 too)
 
 
 @contextlib.contextmanager
 def _env_defaults(**kv: Optional[str]) -> Iterator[None]:
-    """Set env vars that are unset (OpenBLAS reads them when loaded), then restore."""
+    """Set unset env vars while OpenBLAS loads (it reads them then), then restore."""
     added = [k for k, v in kv.items() if v is not None and k not in os.environ]
-    for k in added:
-        os.environ[k] = str(kv[k])
+    os.environ.update({k: str(kv[k]) for k in added})
     try:
         yield
     finally:
@@ -71,13 +69,13 @@ def _env_defaults(**kv: Optional[str]) -> Iterator[None]:
 
 
 def _dlopen(path: str) -> ctypes.CDLL:
-    """dlopen (RTLD_LOCAL, promoted later); borrow a wheel's libgfortran if it is missing."""
+    """dlopen RTLD_LOCAL (promoted once verified); borrow a wheel's libgfortran if missing."""
     try:
         return ctypes.CDLL(path)
     except OSError as e:
         if "libgfortran" not in str(e) or not os.path.isabs(path):
             raise
-    here = os.path.dirname(path)  # cvxopt.libs style: hashed gfortran beside the lib
+    here = os.path.dirname(path)  # cvxopt.libs style: hashed libgfortran beside the lib
     for pat in ("libquadmath*", "libgfortran*"):
         for dep in sorted(glob.glob(os.path.join(here, pat))):
             _handles.append(ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL))
@@ -86,43 +84,41 @@ def _dlopen(path: str) -> ctypes.CDLL:
     except OSError as e:
         if "libgfortran.so.5" not in str(e):
             raise
-    # It wants the distro's libgfortran.so.5 (absent): load a wheel's copy (mlx-cpu ships
-    # one), then open the lib via a symlink dir so its $ORIGIN lookup of libgfortran.so.5
-    # lands on that same, already-loaded file.
-    gf = (_site_glob("mlx_cpu.libs/libgfortran*.so.5*") + _site_glob("*.libs/libgfortran*.so.5*"))[0]
-    _handles.append(ctypes.CDLL(gf, mode=ctypes.RTLD_GLOBAL))
+    # Wants the distro libgfortran.so.5 (absent): load a wheel's copy (mlx-cpu ships one),
+    # then open the lib via a symlink dir so its $ORIGIN lookup finds that same file.
+    gfs = _site_glob("mlx_cpu.libs/libgfortran*.so.5*") or _site_glob("*.libs/libgfortran*.so.5*")
+    _handles.append(ctypes.CDLL(gfs[0], mode=ctypes.RTLD_GLOBAL))
     with tempfile.TemporaryDirectory(prefix="mlxbw-blas-") as tmp:
-        os.symlink(gf, os.path.join(tmp, "libgfortran.so.5"))
-        os.symlink(path, os.path.join(tmp, os.path.basename(path)))
-        return ctypes.CDLL(os.path.join(tmp, os.path.basename(path)))
+        link = os.path.join(tmp, os.path.basename(path))
+        os.symlink(gfs[0], os.path.join(tmp, "libgfortran.so.5"))
+        os.symlink(path, link)
+        return ctypes.CDLL(link)
 
 
 def _describe(lib: ctypes.CDLL) -> Optional[str]:
     """Name an optimised BLAS from its marker symbols; None if it is not one."""
     if hasattr(lib, "openblas_get_config"):
-        lib.openblas_get_config.restype = ctypes.c_char_p
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        conf, core = lib.openblas_get_config().decode().strip(), lib.openblas_get_corename().decode()
-        return f"{conf}, core {core}"
+        lib.openblas_get_config.restype = lib.openblas_get_corename.restype = ctypes.c_char_p
+        conf, core = lib.openblas_get_config(), lib.openblas_get_corename()
+        return f"{conf.decode().strip()}, core {core.decode()}"
     return "Intel MKL" if hasattr(lib, "MKL_Get_Version_String") else None
 
 
 def _try(path: str, explicit: bool) -> Optional[str]:
     """Load one candidate, verify it, then make its symbols global; None if unusable."""
     user_threads = any(v in os.environ for v in _THREAD_VARS)
-    threads = None if user_threads else "1"
     try:
-        with _env_defaults(OPENBLAS_CORETYPE=_coretype(), OPENBLAS_NUM_THREADS=threads):
+        with _env_defaults(OPENBLAS_CORETYPE=_coretype(),
+                           OPENBLAS_NUM_THREADS=None if user_threads else "1"):
             lib = _dlopen(path)
         desc = _describe(lib) or ("custom BLAS" if explicit else None)
         if not hasattr(lib, "cblas_sgemm") or desc is None:
-            raise OSError("no cblas_sgemm or not an optimised BLAS")
-        # Same name -> same already-loaded object, now added to the global scope.
-        lib = ctypes.CDLL(lib._name, mode=ctypes.RTLD_GLOBAL)
+            raise OSError("no cblas_sgemm, or not an optimised BLAS")
+        lib = ctypes.CDLL(lib._name, mode=ctypes.RTLD_GLOBAL)  # same object, now global
     except Exception as e:  # OSError, or no wheel libgfortran to borrow
         (log.warning if explicit else log.debug)("BLAS candidate %s unusable: %s", path, e)
         return None
-    if not user_threads:  # 1 thread: OpenBLAS spin-waits stall beside MLX's thread on few cores
+    if not user_threads:  # >1 thread spin-waits beside MLX's own thread: erratic stalls
         for fn in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
             if hasattr(lib, fn):
                 getattr(lib, fn)(1)
@@ -138,29 +134,29 @@ def _ensure() -> str:
     if choice.lower() == "reference":
         log.info("BLAS: reference Netlib BLAS (%s=reference)", ENV_VAR)
         return "reference"
-    glob_lib = ctypes.CDLL(None)
-    pre = _describe(glob_lib) if hasattr(glob_lib, "cblas_sgemm") else None
-    if pre:  # e.g. LD_PRELOAD or already loaded by us/the user
-        log.info("BLAS: %s (already in global scope)", pre)
+    scope = ctypes.CDLL(None)  # e.g. LD_PRELOAD, or loaded earlier by the user
+    pre = _describe(scope) if hasattr(scope, "cblas_sgemm") else None
+    if pre:
+        log.info("BLAS: %s (already in the global scope)", pre)
         return "preloaded"
     if "mlx.core" in sys.modules:
-        log.warning("BLAS: mlx.core was imported before mlx_baldwhisper, so it keeps the slow "
+        log.warning("BLAS: mlx.core was imported before mlx_baldwhisper and keeps the slow "
                     "reference BLAS; import mlx_baldwhisper first")
         return "reference"
     for path in ([choice] if choice else []) + candidates():
         desc = _try(path, explicit=path == choice)
         if desc:
-            log.info("BLAS: %s (%s)", os.path.realpath(path) if os.path.isabs(path) else path, desc)
+            log.info("BLAS: %s (%s)", os.path.realpath(path) if "/" in path else path, desc)
             return path
-    log.warning("BLAS: no optimised BLAS found; MLX uses the reference BLAS and decoding will be "
-                "very slow. Fix: pip install ngsolve-openblas (x86-64) or apt install libopenblas0")
+    log.warning("BLAS: no optimised BLAS found; MLX uses the reference BLAS and decoding will "
+                "be very slow. Fix: pip install ngsolve-openblas, or apt install libopenblas0")
     return "reference"
 
 
 def ensure_fast_blas() -> str:
     """Load an optimised BLAS before mlx.core is imported; idempotent, never raises.
 
-    Returns the library path/name loaded, "preloaded", "reference" or "system".
+    Returns the library loaded (path or soname), "preloaded", "reference" or "system".
     """
     global _result
     if _result is None:

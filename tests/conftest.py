@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlx_baldwhisper  # noqa: F401  first, so MLX picks up the optimised BLAS
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -203,3 +203,23 @@ def test_plot_metrics(tmp_path):
             evaluate_fn=lambda m: {"wer": 0.5}).train(ListBatcher(make_batches(2)))
     out = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "m.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_finishes_the_step_then_saves(tmp_path):
+    """A real SIGINT is deferred to the end of the step, then checkpointed."""
+    import os
+    import signal
+
+    class SigintBatcher(ListBatcher):
+        def __iter__(self):
+            for b in super().__iter__():
+                if self.served == 4:  # first micro-batch of step 2 (grad_accum=3)
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield b
+
+    model = tiny(0)
+    res = Trainer(model, ce_loss, cfg(grad_accum=3), tmp_path).train(SigintBatcher(make_batches(4)))
+    assert res.status == "interrupted" and res.step == 2
+    state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    assert state["step"] == 2 and state["extra_state"]["data"] == {"pos": 2, "epoch": 1}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -142,7 +143,6 @@ def save_weights(model: nn.Module, path: Path) -> None:
         os.replace(path, old)
     os.replace(tmp, path)
     if old.exists():
-        import shutil
         shutil.rmtree(old)
 
 
@@ -166,13 +166,13 @@ def _field(batch: Any, names: Sequence[str]) -> Any:
 def count_batch(batch: Any) -> tuple[int, int]:
     """(items, tokens) of a batch, for throughput; best effort on dicts/objects/tuples."""
     mask = _field(batch, ("mask", "loss_mask", "target_mask"))
-    toks = _field(batch, ("tokens", "targets", "labels"))
-    first = _field(batch, ("mel", "audio_features", "tokens", "targets"))
+    toks = _field(batch, ("targets", "tokens", "inputs", "labels"))
+    first = _field(batch, ("targets", "tokens", "inputs", "mel", "features", "audio_features"))
     if first is None and isinstance(batch, (tuple, list)) and batch:
         first = batch[0]
-    items = int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 0
+    items = int(first.shape[0]) if getattr(first, "ndim", 0) else 0
     if mask is not None:
-        tokens = int(mx.array(mask).astype(mx.float32).sum().item())
+        tokens = int(np.asarray(mask, dtype=np.float32).sum())
     else:
         tokens = int(toks.size) if hasattr(toks, "size") else 0
     return items, tokens
@@ -202,8 +202,38 @@ class _Sigint:
             signal.signal(signal.SIGINT, self._prev)
 
 
+class _Window:
+    """Sums of losses, logged scalars and counts since the last log line."""
+
+    def __init__(self) -> None:
+        self.loss, self.n, self.items, self.tokens = 0.0, 0, 0, 0
+        self.logs: dict[str, float] = {}
+        self.t0 = time.monotonic()
+
+    def add(self, loss: float, logs: Mapping[str, float], items: int, tokens: int) -> None:
+        self.loss, self.n = self.loss + loss, self.n + 1
+        self.items, self.tokens = self.items + items, self.tokens + tokens
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v
+
+    def merge(self, other: "_Window") -> None:
+        """Add one optimizer step (the mean over its micro-batches, their total counts)."""
+        self.add(other.loss / other.n, {k: v / other.n for k, v in other.logs.items()},
+                 other.items, other.tokens)
+
+
 class Trainer:
-    """Trains ``model`` on ``loss_fn(model, batch) -> (loss, {name: scalar})``."""
+    """Trains ``model`` on ``loss_fn(model, batch) -> (loss, {name: scalar array})``.
+
+    trainable_filter: parameter-name predicate or prefixes (e.g. ``["decoder."]``);
+        everything else is frozen. None keeps the model's own freeze state.
+    extra_modules: modules optimised jointly with the model and checkpointed with it
+        (e.g. ``{"temperature": LearnableTemperature()}`` used inside ``loss_fn``).
+    evaluate_fn(model) -> {metric: value}: run every ``eval_every`` steps and at the
+        end; the best model by ``metric`` goes to ``save_best(model, out_dir/"best")``.
+    count_fn(batch) -> (items, tokens): for the throughput figures.
+    With ``config.compile``, batches must be trees of arrays.
+    """
 
     def __init__(
         self,
@@ -274,6 +304,7 @@ class Trainer:
         self.step, self.best, self.bad_evals = t["step"], t["best"], t["bad_evals"]
         self.last_eval_step, self.elapsed_before = t["last_eval_step"], t["elapsed"]
         batches.load_state_dict(extra["data"])
+        self._saved_step = self.step
         self._truncate_metrics(self.step)
         log.info("resumed from step %d", self.step)
         return True
@@ -311,25 +342,25 @@ class Trainer:
             s2 = [self.bundle.state, self.optimizer.state]
             self._update_fn = mx.compile(self._update, inputs=s2, outputs=s2)
 
-    def _accumulate(self, next_batch: Callable[[], Any]) -> tuple[float, dict[str, float], Any, int, int]:
+    def _accumulate(self, next_batch: Callable[[], Any]) -> tuple[Any, _Window]:
+        """Mean gradients over grad_accum micro-batches; stops on a non-finite loss."""
         n = self.config.grad_accum
-        total, logs_sum, grads_sum, items, tokens = 0.0, {}, None, 0, 0
+        acc, grads_sum = _Window(), None
         for _ in range(n):
             batch = next_batch()
+            if self.config.compile:  # compiled functions take mx arrays only
+                batch = tree_map(lambda x: mx.array(x) if isinstance(x, np.ndarray) else x, batch)
             (loss, logs), grads = self._grad_fn(batch)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            mx.eval(loss, logs, grads_sum)
+            mx.eval(loss, logs, grads_sum)  # bounds memory: one micro-batch graph at a time
             value = float(loss.item())
             if not math.isfinite(value):
                 self._non_finite("loss", value)
-            total += value
-            for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(mx.array(v).item())
-            i, t = self.count_fn(batch)
-            items, tokens = items + i, tokens + t
+            acc.add(value, {k: float(mx.array(v).item()) for k, v in logs.items()},
+                    *self.count_fn(batch))
         if n > 1:
             grads_sum = tree_map(lambda g: g / n, grads_sum)
-        return total / n, {k: v / n for k, v in logs_sum.items()}, grads_sum, items, tokens
+        return grads_sum, acc
 
     def _non_finite(self, what: str, value: float) -> None:
         ckpt = latest_checkpoint(self.out_dir)
@@ -359,90 +390,94 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------
 
-    def train(self, batches: BatchSource, resume: bool = False) -> TrainResult:
-        """Run until max_steps, early stop or interrupt; see TrainResult.status."""
-        cfg = self.config
+    def _start(self, batches: BatchSource, resume: bool) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.monotonic()
         self._saved_step = -1
         self._reset_counters()
         if not (resume and self._resume(batches)):
-            mx.random.seed(cfg.seed)
-            np.random.seed(cfg.seed)
-            random.seed(cfg.seed)
+            mx.random.seed(self.config.seed)
+            np.random.seed(self.config.seed)
+            random.seed(self.config.seed)
             if self.metrics_path.exists():
                 self.metrics_path.unlink()
         self._build_step_fns()
         self.model.train()
-        state = {"it": iter(batches)}
+
+    def _optimizer_step(self, next_batch: Callable[[], Any]) -> tuple[_Window, Optional[float]]:
+        grads, acc = self._accumulate(next_batch)
+        gnorm = None
+        if self.config.grad_clip is not None:
+            grads, norm = optim.clip_grad_norm(grads, self.config.grad_clip)
+            gnorm = float(norm.item())
+            if not math.isfinite(gnorm):
+                self._non_finite("gradient norm", gnorm)
+        self._in_update = True  # an interrupt in here must not save a half-updated state
+        self._update_fn(grads)
+        mx.eval(self.bundle.parameters(), self.optimizer.state)
+        self.step += 1
+        self._in_update = False
+        return acc, gnorm
+
+    def _log_train(self, win: _Window, gnorm: Optional[float], bar: Any) -> float:
+        dt = max(time.monotonic() - win.t0, 1e-9)
+        loss = win.loss / win.n
+        rec = {"kind": "train", "step": self.step, "loss": loss,
+               "lr": float(self.optimizer.learning_rate.item()),
+               **{k: v / win.n for k, v in win.logs.items()},
+               "items_per_s": win.items / dt, "tokens_per_s": win.tokens / dt,
+               "elapsed": self._elapsed()}
+        if gnorm is not None:
+            rec["grad_norm"] = gnorm
+        self._write_metrics(rec)
+        bar.set_postfix(loss=f"{loss:.4f}", items_s=f"{rec['items_per_s']:.1f}",
+                        tok_s=f"{rec['tokens_per_s']:.0f}")
+        return loss
+
+    def train(self, batches: BatchSource, resume: bool = False) -> TrainResult:
+        """Run to max_steps, an early stop or an interrupt (see TrainResult.status).
+
+        Raises NonFiniteLossError on a NaN/inf loss, leaving the last checkpoint as is.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        self._start(batches, resume)
+        it = iter(batches)
 
         def next_batch() -> Any:
+            nonlocal it
             try:
-                return next(state["it"])
+                return next(it)
             except StopIteration:
-                state["it"] = iter(batches)  # next epoch
-                try:
-                    return next(state["it"])
-                except StopIteration:
-                    raise RuntimeError("the batch source yields no batches") from None
+                it = iter(batches)  # next epoch
+                for batch in it:
+                    return batch
+                raise RuntimeError("the batch source yields no batches") from None
 
-        from tqdm.auto import tqdm
+        # Position and RNG at the start of the current step: what an interrupt saves.
+        start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress,
                    dynamic_ncols=True, desc="train")
-        status, last_loss, in_update = "completed", None, False
-        start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
-        win = {"loss": 0.0, "n": 0, "items": 0, "tokens": 0, "t": time.monotonic(), "logs": {}}
+        status, last_loss, win = "completed", None, _Window()
+        self._in_update = False
         try:
             with _Sigint() as sigint:
                 while self.step < cfg.max_steps:
-                    loss, logs, grads, items, tokens = self._accumulate(next_batch)
-                    gnorm = None
-                    if cfg.grad_clip is not None:
-                        grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-                        gnorm = float(norm.item())
-                        if not math.isfinite(gnorm):
-                            self._non_finite("gradient norm", gnorm)
-                    in_update = True
-                    self._update_fn(grads)
-                    mx.eval(self.bundle.parameters(), self.optimizer.state)
-                    self.step += 1
-                    in_update = False
+                    acc, gnorm = self._optimizer_step(next_batch)
                     start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
-
-                    win["loss"] += loss
-                    win["n"] += 1
-                    win["items"] += items
-                    win["tokens"] += tokens
-                    for k, v in logs.items():
-                        win["logs"][k] = win["logs"].get(k, 0.0) + v
+                    win.merge(acc)
                     if self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.max_steps:
-                        dt = max(time.monotonic() - win["t"], 1e-9)
-                        last_loss = win["loss"] / win["n"]
-                        rec = {"kind": "train", "step": self.step, "loss": last_loss,
-                               "lr": float(self.optimizer.learning_rate.item()),
-                               **{k: v / win["n"] for k, v in win["logs"].items()},
-                               "items_per_s": win["items"] / dt, "tokens_per_s": win["tokens"] / dt,
-                               "elapsed": self._elapsed()}
-                        if gnorm is not None:
-                            rec["grad_norm"] = gnorm
-                        self._write_metrics(rec)
-                        bar.set_postfix(loss=f"{last_loss:.4f}", items_s=f"{rec['items_per_s']:.1f}",
-                                        tok_s=f"{rec['tokens_per_s']:.0f}")
-                        win = {"loss": 0.0, "n": 0, "items": 0, "tokens": 0,
-                               "t": time.monotonic(), "logs": {}}
+                        last_loss, win = self._log_train(win, gnorm, bar), _Window()
                     bar.update(1)
-
-                    stop = False
                     if self.evaluate_fn and cfg.eval_every and self.step % cfg.eval_every == 0:
                         self._evaluate()
-                        stop = cfg.patience is not None and self.bad_evals >= cfg.patience
                         start = (start[0], capture_rng_state())  # eval may draw random numbers
+                        if cfg.patience is not None and self.bad_evals >= cfg.patience:
+                            status = "early_stopped"
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self._save(*start)
-                    if stop:
-                        status = "early_stopped"
-                        log.info("early stop: no %s improvement in %d evaluations",
-                                 self.metric, cfg.patience)
+                    if status == "early_stopped":
                         break
                     if sigint.requested:
                         status = "interrupted"
@@ -453,24 +488,23 @@ class Trainer:
             bar.close()
 
         if status == "interrupted":
-            if in_update:
-                log.warning("interrupted during an update: not saving; last checkpoint is %s",
+            if self._in_update:
+                log.warning("interrupted during an update: not saving; the last checkpoint is %s",
                             latest_checkpoint(self.out_dir))
-            else:
-                path = self._save(*start)
-                log.warning("interrupted at step %d; checkpoint saved to %s "
-                            "(resume with resume=True)", self.step, path)
-            return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir),
-                               last_loss)
-
-        if self.evaluate_fn and self.last_eval_step != self.step:
-            self._evaluate()
-        if self._saved_step != self.step:
-            self._save(*start)
-        if cfg.plot:
-            plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
-        return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir),
-                           last_loss)
+            elif self._saved_step != self.step:
+                self._save(*start)
+            log.warning("interrupted at step %d; resume with resume=True from %s",
+                        self.step, latest_checkpoint(self.out_dir))
+        else:
+            if status == "early_stopped":
+                log.info("early stop: no %s improvement in %d evaluations", self.metric, cfg.patience)
+            if self.evaluate_fn and self.last_eval_step != self.step:
+                self._evaluate()
+            if self._saved_step != self.step:
+                self._save(start[0], capture_rng_state())
+            if cfg.plot:
+                plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
+        return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir), last_loss)
 
 
 def plot_metrics(metrics_jsonl: str | os.PathLike, png_path: str | os.PathLike) -> Optional[Path]:

@@ -1,0 +1,134 @@
+"""mlx_baldwhisper._blas: preloading an optimised BLAS must be correct and never break import.
+
+Each check runs in a fresh interpreter, because the BLAS can only be swapped before
+mlx.core is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BLAS_PY = ROOT / "mlx_baldwhisper" / "_blas.py"
+
+# Loads _blas.py by path (independent of the rest of the package), optionally after mlx.
+SCRIPT = r"""
+import importlib.util, json, logging, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+if "late" in sys.argv:
+    import mlx.core
+spec = importlib.util.spec_from_file_location("blas_under_test", sys.argv[1])
+blas = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(blas)
+if "nocands" in sys.argv:
+    blas.candidates = lambda: []
+first, second = blas.ensure_fast_blas(), blas.ensure_fast_blas()
+import mlx.core as mx
+import numpy as np
+rng = np.random.default_rng(0)
+r = lambda *s: rng.standard_normal(s).astype(np.float32)
+cases = {
+    "enc": (r(1500, 512), r(512, 2048), False),
+    "logits": (r(1, 512), r(512, 51865), False),
+    "batched": (r(8, 64, 1500), r(8, 1500, 64), False),
+    "transposed": (r(512, 1500), r(2048, 512), True),
+}
+errs = {}
+for name, (a, b, tr) in cases.items():
+    A, B = mx.array(a), mx.array(b)
+    y = np.array(A.T @ B.T if tr else A @ B)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ref = a64.T @ b64.T if tr else a64 @ b64
+    errs[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
+m = r(64, 64) + 8 * np.eye(64, dtype=np.float32)  # LAPACK (sgetrf/sgetri) is interposed too
+inv = np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu))
+errs["inv"] = float(np.abs(inv @ m - np.eye(64)).max())
+print(json.dumps({"result": first, "stable": first == second, "errs": errs,
+                  "candidates": blas.candidates()}))
+"""
+
+
+def run(*args: str, unset: tuple[str, ...] = (), **env: str) -> tuple[dict, str]:
+    e = {k: v for k, v in os.environ.items() if k not in unset and k != "MLX_BALDWHISPER_BLAS"}
+    e.update(env)
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(BLAS_PY), *args], env=e, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+
+
+def check_correct(out: dict) -> None:
+    assert out["stable"], "ensure_fast_blas() must be idempotent"
+    for name, err in out["errs"].items():
+        assert err < 1e-4, f"{name}: relative error {err:.2e} with BLAS {out['result']}"
+
+
+def loadable_candidates(out: dict) -> list[str]:
+    return [c for c in out["candidates"] if "/" in c]  # pip-installed, so expected to load
+
+
+@pytest.mark.parametrize("unset", [(), ("OPENBLAS_CORETYPE",)], ids=["env", "detect-coretype"])
+def test_fast_blas_is_used_and_correct(unset: tuple[str, ...]) -> None:
+    out, err = run(unset=unset)
+    check_correct(out)
+    if sys.platform.startswith("linux") and loadable_candidates(out):
+        assert out["result"] not in ("reference", "system"), err
+    assert "BLAS: " in err, "one INFO line naming the BLAS in use"
+
+
+def test_bogus_path_falls_back_without_raising() -> None:
+    out, err = run(MLX_BALDWHISPER_BLAS="/nonexistent/libblas.so")
+    check_correct(out)
+    assert out["result"] != "/nonexistent/libblas.so"
+    assert "unusable" in err
+
+
+def test_nothing_found_warns_once_and_stays_correct() -> None:
+    out, err = run("nocands", unset=("LD_PRELOAD",))
+    check_correct(out)
+    if sys.platform.startswith("linux"):
+        assert out["result"] == "reference"
+        assert err.count("decoding will be very slow") == 1
+
+
+def test_opt_out_keeps_reference() -> None:
+    out, err = run(MLX_BALDWHISPER_BLAS="reference")
+    check_correct(out)
+    assert out["result"] == ("reference" if sys.platform.startswith("linux") else "system")
+
+
+def test_after_mlx_import_it_warns_and_does_not_raise() -> None:
+    out, err = run("late", unset=("LD_PRELOAD",))
+    check_correct(out)
+    if sys.platform.startswith("linux"):
+        assert out["result"] == "reference"
+        assert "imported before" in err
+
+
+def test_package_import_wires_blas_first() -> None:
+    code = ("import mlx_baldwhisper as m\nfrom mlx_baldwhisper import _blas\n"
+            "print(_blas.ensure_fast_blas(), getattr(m, 'BLAS', None))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, pkg = p.stdout.split()[-2:]
+    assert pkg in (got, "None")
+    out, _ = run()
+    if out["result"] not in ("reference", "system"):  # a fast BLAS is available here...
+        assert got != "reference", "...so the package must load it before mlx.core: " + p.stderr
+
+
+def test_non_linux_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("blas_platform_test", BLAS_PY)
+    assert spec and spec.loader
+    blas = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blas)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert blas.ensure_fast_blas() == "system"

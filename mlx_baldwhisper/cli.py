@@ -111,5 +111,10 @@ def transcribe(audio: tuple[str, ...], model: Optional[str], output_dir: str, ou
     files.close()
 
 
+from .training.commands import register_training_commands  # noqa: E402
+
+register_training_commands(main, friendly_errors)
+
+
 if __name__ == "__main__":
     main()

@@ -291,7 +291,7 @@ def decode_features(model: Whisper, audio_features: mx.array, options: DecodingO
                     prompts: Optional[list[list[int]]] = None) -> list[DecodingResult]:
     """Decode encoded windows; items are grouped by language and prompt length, and each
     group runs as one batch."""
-    language = language_code(options.language)
+    language = language_code(options.language, model.extra_config.get("language_tokens"))
     tk = tokenizer or tokenizer_for(model, language or "en", options.task)
     probs = None
     if model.is_multilingual and language is None:

@@ -22,12 +22,13 @@ class UnknownLanguageError(ValueError):
     pass
 
 
-def language_code(language: Optional[str]) -> Optional[str]:
-    """Accept a code ("ha") or a name ("Hausa"); raise a clear error otherwise."""
+def language_code(language: Optional[str], aliases: Optional[dict[str, str]] = None) -> Optional[str]:
+    """Accept a code ("ha"), a name ("Hausa") or a fine-tuned model's mapped language
+    (``aliases``, e.g. {"bm": "ha"}); raise a clear error otherwise."""
     if language is None:
         return None
     key = language.lower().strip()
-    if key in LANGUAGES:
+    if key in LANGUAGES or key in (aliases or {}):
         return key
     if key in TO_LANGUAGE_CODE:
         return TO_LANGUAGE_CODE[key]
@@ -195,7 +196,7 @@ def get_tokenizer(
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}")
     encoding, added = _read(str(path))
     if multilingual:
-        language = language_code(language) or "en"
+        language = language_code(language, language_aliases) or "en"
         task = task or "transcribe"
     else:
         language, task = "en", None

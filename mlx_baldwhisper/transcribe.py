@@ -84,7 +84,8 @@ def transcribe(
     model = _model(path_or_hf_repo, dtype)
     if decode_options.pop("fp16", None):
         warnings.warn("fp16 is chosen when loading: pass dtype='float16'")
-    language = language_code(decode_options.pop("language", None))
+    language = language_code(decode_options.pop("language", None),
+                             model.extra_config.get("language_tokens"))
     task = decode_options.pop("task", "transcribe")
     if not model.is_multilingual and (language not in (None, "en") or task == "translate"):
         warnings.warn(f"{model.source} is English-only: transcribing as English")

@@ -65,3 +65,20 @@ def save(model, folder: Path, tokenizer_dir: Path | None, source: str) -> None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists() and tokenizer_dir != folder:
                 shutil.copy2(tokenizer_dir / name, folder / name)
+
+
+def save_atomic(model, folder: Path, tokenizer_dir: Path | None, source: str) -> None:
+    """Write to a temporary sibling and rename, so an interrupted save leaves no half folder."""
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save(model, tmp, tokenizer_dir, source)
+        tmp.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

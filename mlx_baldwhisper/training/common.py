@@ -1,0 +1,109 @@
+"""What every training stage shares: prepared data, cached encoder features, the
+dev-set evaluation, and writing the stage's model folder.
+
+All BaldWhisper stages change only the decoder (the encoder is frozen by default),
+so the encoder runs once per clip for the whole recipe and its outputs are cached.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+from ..decoding import tokenizer_for
+from ..evaluate import evaluate
+from ..model import Whisper
+from ..weights import mlx_folder
+from .data import (Batcher, FeatureCache, TokenizedExample, encoder_fingerprint, prepare,
+                   read_manifest)
+from .losses import cross_entropy
+
+log = logging.getLogger("mlx_baldwhisper")
+
+
+@dataclass
+class StageData:
+    train: list[TokenizedExample]
+    dev: list[TokenizedExample]
+    language: str
+    features: Optional[FeatureCache]  # None when the encoder is trained
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def batches(self, batch_size: int, seed: int, fraction: float = 1.0) -> Batcher:
+        items = self.train[: max(1, int(len(self.train) * fraction))]
+        return Batcher(items, batch_size, seed=seed, features=self.features,
+                       include_mel=self.features is None)
+
+
+def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Optional[str],
+              cache_features: bool = True, max_tokens: Optional[int] = None) -> StageData:
+    """Read and prepare both manifests; cache encoder outputs unless the encoder trains."""
+    tk = tokenizer_for(model, language)
+    limit = max_tokens or model.dims.n_text_ctx // 2
+    skipped: list[tuple[str, str]] = []
+    sets = []
+    for path in (train, dev):
+        items, sk = prepare(read_manifest(path, language=language), tk, model.dims.n_mels,
+                            max_tokens=limit, progress=True)
+        skipped += sk
+        sets.append(items)
+    if not sets[0] or not sets[1]:
+        raise ValueError(f"no usable clips in {train if not sets[0] else dev} "
+                         f"({len(skipped)} skipped; see the warnings above)")
+    features = None
+    if cache_features:
+        features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True)
+        features.compute(model, sets[1] + sets[0], batch_size=4)
+    return StageData(sets[0], sets[1], language, features, skipped)
+
+
+def decoder_input(model: Whisper, batch: dict) -> mx.array:
+    if "features" in batch:
+        return mx.array(batch["features"]).astype(model.dtype)
+    return model.embed_audio(mx.array(batch["mel"]).astype(model.dtype))
+
+
+def ce_loss(model: Whisper, batch: dict) -> tuple[mx.array, dict[str, mx.array]]:
+    logits = model.decoder(mx.array(batch["inputs"]), decoder_input(model, batch))[0]
+    ce = cross_entropy(logits, mx.array(batch["targets"]), mx.array(batch["mask"]))
+    return ce, {"ce": ce}
+
+
+def dev_evaluator(data: StageData, limit: Optional[int] = None,
+                  batch_size: int = 16) -> Callable[[Whisper], dict[str, float]]:
+    def run(model: Whisper) -> dict[str, float]:
+        r = evaluate(model, data.dev, language=data.language, batch_size=batch_size,
+                     features=data.features, limit=limit)
+        return {"wer": r["wer"], "cer": r["cer"]}
+    return run
+
+
+def model_saver(folder: Path, record: dict[str, Any]) -> Callable[[Whisper, Path], None]:
+    """A ``save_best`` for the Trainer: writes a complete model folder atomically."""
+    def save(model: Whisper, _ignored: Path) -> None:
+        save_model_folder(model, folder, record)
+    return save
+
+
+def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, Any]] = None) -> None:
+    """Save with a training record appended to the config (the model itself is unchanged)."""
+    extra = dict(model.extra_config)
+    if record:
+        extra["training"] = list(extra.get("training", [])) + [record]
+    saved, model.extra_config = model.extra_config, extra
+    try:
+        mlx_folder.save_atomic(model, Path(folder), model.tokenizer_dir, model.source)
+    finally:
+        model.extra_config = saved
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

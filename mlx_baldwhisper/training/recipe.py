@@ -1,0 +1,188 @@
+"""The whole BaldWhisper recipe: fine-tune → merge (+search) → recover → shear → evaluate.
+
+Writes ``DIR/teacher``, ``DIR/merged``, ``DIR/removed`` (the layer-removal baseline with
+the same budget as ``merged``), ``DIR/final`` (merged + sheared + distilled), and
+``DIR/results.json`` + ``DIR/results.md``. Every hyper-parameter lives in
+:class:`RecipeConfig`, saved as ``DIR/config.json``. A finished stage is not run again
+when the recipe is restarted; an unfinished one resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..convert import Surgery, apply_surgery
+from ..evaluate import evaluate, save_hypotheses
+from ..load import build_model, checkpoint_from_model, load_model
+from ..model import Whisper
+from .common import StageData, load_data, write_json
+from .finetune import FinetuneConfig, finetune
+from .merge_search import MergeSearchConfig, merge_search, merged_student
+from .recover import RecoverConfig, recover
+from .shear import ShearConfig, shear
+from .trainer import TrainConfig
+
+
+@dataclass
+class RecipeConfig:
+    model: Optional[str] = None  # starting checkpoint (default: embedded whisper-base)
+    language: str = "ha"
+    # A language Whisper has no token for is mapped to one it has, e.g. {"bm": "ha"}.
+    language_token: Optional[str] = None
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    search: Optional[MergeSearchConfig] = field(default_factory=MergeSearchConfig)
+    alpha: float = 0.1  # used when search is None
+    beta: float = 1.0
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    shear: ShearConfig = field(default_factory=ShearConfig)
+    eval_batch_size: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RecipeConfig":
+        return _build(cls, d)
+
+
+def _build(cls, d: Any):
+    """Nested dicts (a JSON config file) into the nested config dataclasses."""
+    if not dataclasses.is_dataclass(cls) or not isinstance(d, dict):
+        return d
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(hints)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
+    defaults, kwargs = cls(), {}
+    for name, value in d.items():
+        default = getattr(defaults, name)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            kwargs[name] = _build(type(default), value)
+        else:
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def load_config(path: Optional[str]) -> RecipeConfig:
+    if path is None:
+        return RecipeConfig()
+    try:
+        return RecipeConfig.from_dict(json.loads(Path(path).read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _params(model: Whisper) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.size for _, v in tree_flatten(model.parameters()))
+
+
+class Recipe:
+    def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True):
+        self.train, self.dev, self.out, self.cfg, self.resume = train, dev, Path(out), cfg, resume
+        self.results_path = self.out / "results.json"
+        self.results: dict[str, Any] = (json.loads(self.results_path.read_text())
+                                        if self.results_path.exists() else {"stages": {}})
+
+    def _record(self, name: str, model: Whisper, seconds: float, data: StageData, **extra) -> None:
+        r = evaluate(model, data.dev, language=data.language, batch_size=self.cfg.eval_batch_size,
+                     features=data.features)
+        save_hypotheses(r, self.out / "hypotheses" / f"{name}.tsv")
+        self.results["stages"][name] = {"wer": r["wer"], "cer": r["cer"], "n": r["n"],
+                                        "params": _params(model), "train_seconds": round(seconds, 1),
+                                        "eval_seconds": round(r["seconds"], 1), **extra}
+        write_json(self.results_path, self.results)
+        print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
+
+    def _done(self, name: str) -> bool:
+        if name not in self.results["stages"]:
+            return False
+        return name == "untuned" or (self.out / name).exists()
+
+    def run(self) -> dict[str, Any]:
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"train": self.train, "dev": self.dev, **cfg.to_dict()})
+        base = load_model(cfg.model)
+        if cfg.language_token:
+            base.extra_config["language_tokens"] = {cfg.language: cfg.language_token}
+        start = time.perf_counter()
+        data = load_data(base, self.train, self.dev, cfg.language, str(out / "cache"))
+        self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
+                                "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
+        if not self._done("untuned"):
+            self._record("untuned", base, 0.0, data)
+
+        teacher = self._stage("teacher", data, lambda: (base, finetune(base, data, cfg.finetune, out / "teacher",
+                                                                       resume=self.resume)))
+        alpha, beta = cfg.alpha, cfg.beta
+        if cfg.search is not None:
+            if "search" not in self.results:
+                t0 = time.perf_counter()
+                found = merge_search(teacher, data, cfg.search, out / "search")
+                found["seconds"] = round(time.perf_counter() - t0, 1)
+                self.results["search"] = found
+                write_json(self.results_path, self.results)
+            alpha, beta = self.results["search"]["alpha"], self.results["search"]["beta"]
+
+        def merged():
+            student = merged_student(teacher, alpha, beta)
+            return student, recover(student, teacher, data, cfg.recover, out / "merged", resume=self.resume)
+
+        def removed():
+            student = build_model(apply_surgery(checkpoint_from_model(teacher),
+                                                Surgery(drop=teacher.dims.n_text_layer // 2)))
+            student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
+            return student, recover(student, teacher, data, cfg.recover, out / "removed",
+                                    stage="recover-removed", resume=self.resume)
+
+        merged_model = self._stage("merged", data, merged, alpha=alpha, beta=beta)
+        self._stage("removed", data, removed)
+
+        def final():
+            ckpt = apply_surgery(checkpoint_from_model(merged_model), Surgery(rank=cfg.shear.rank))
+            student = build_model(ckpt)
+            student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
+            return student, shear(student, teacher, data, cfg.shear, out / "final", resume=self.resume)
+
+        self._stage("final", data, final, rank=cfg.shear.rank)
+        self._summarise()
+        return self.results
+
+    def _stage(self, name: str, data: StageData, run, **extra) -> Whisper:
+        if self._done(name):
+            print(f"[{name}] already done: {self.out / name}")
+            return load_model(str(self.out / name))
+        t0 = time.perf_counter()
+        _, result = run()
+        seconds = time.perf_counter() - t0
+        if result.status == "interrupted":
+            raise KeyboardInterrupt(f"{name} interrupted; rerun the same command to resume")
+        model = load_model(str(self.out / name))
+        self._record(name, model, seconds, data, status=result.status, steps=result.step, **extra)
+        return model
+
+    def _summarise(self) -> None:
+        s = self.results["stages"]
+        teacher, final = s.get("teacher"), s.get("final")
+        if teacher and final and final["wer"] > 0:
+            self.results["wer_teacher_over_final"] = teacher["wer"] / final["wer"]
+        write_json(self.results_path, self.results)
+        (self.out / "results.md").write_text(results_table(self.results))
+
+
+def results_table(results: dict[str, Any]) -> str:
+    rows = ["| model | params | dev WER % | dev CER % | train time (s) | eval time (s) |",
+            "|---|---|---|---|---|---|"]
+    for name, r in results["stages"].items():
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {100 * r['wer']:.2f} | {100 * r['cer']:.2f} | "
+                    f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    if "wer_teacher_over_final" in results:
+        rows.append(f"\nWER_teacher / WER_final = {results['wer_teacher_over_final']:.3f} (goal ≥ 0.95)")
+    return "\n".join(rows) + "\n"

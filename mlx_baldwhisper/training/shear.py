@@ -1,0 +1,80 @@
+"""BaldWhisper stage 2: distil the sheared (low-rank) tied embedding.
+
+The student's embedding E ≈ A·B starts from the truncated SVD (see ``lowrank.py``).
+Training adds, to the label CE (and optionally the teacher KL), two feature
+distances against the teacher's full embedding E_t:
+  * input side:  E_t[tokens]  vs  A[tokens]·B
+  * output side: h·E_tᵀ       vs  (h·Bᵀ)·Aᵀ   on the student's final hidden states h
+where distance(a, b) = mean|a − b| − mean log σ(cos(a, b)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from ..model import Whisper
+from .common import StageData, decoder_input, dev_evaluator, model_saver
+from .losses import LearnableTemperature, cross_entropy, feature_distance, kl_distillation
+from .trainer import TrainConfig, Trainer, TrainResult
+
+
+@dataclass
+class ShearConfig:
+    rank: int = 96
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=20, max_steps=300))
+    batch_size: int = 8
+    ce_weight: float = 1.0
+    kl_weight: float = 1.0  # our addition to the paper's loss: the teacher's soft labels
+    input_feature_weight: float = 1.0
+    output_feature_weight: float = 1.0
+    temperature: float = 2.0
+    trainable: tuple[str, ...] = ("decoder.",)  # the factors A, B and the decoder layers
+    eval_limit: Optional[int] = 100
+
+
+def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig):
+    E_t = mx.stop_gradient(teacher.decoder.token_embedding.weight)
+
+    def loss_fn(student: Whisper, batch: dict):
+        feats = decoder_input(student, batch)
+        inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
+        emb = student.decoder.token_embedding
+        hidden = student.decoder(inputs, feats, return_hidden=True)[0]
+        logits = emb.as_linear(hidden)
+        ce = cross_entropy(logits, mx.array(batch["targets"]), mask)
+        feat_in = feature_distance(emb(inputs), E_t[inputs])
+        feat_out = feature_distance(logits, hidden @ E_t.T)
+        loss = cfg.ce_weight * ce + cfg.input_feature_weight * feat_in + cfg.output_feature_weight * feat_out
+        logs = {"ce": ce, "feat_in": feat_in, "feat_out": feat_out}
+        if cfg.kl_weight:
+            teacher_logits = mx.stop_gradient(teacher.decoder(inputs, feats.astype(teacher.dtype))[0])
+            t = temperature()
+            kl = kl_distillation(logits, teacher_logits, mask, t)
+            loss = loss + cfg.kl_weight * kl
+            logs.update(kl=kl, temperature=t)
+        return loss, logs
+    return loss_fn
+
+
+def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig, out: Path,
+          resume: bool = False) -> TrainResult:
+    """``student`` already carries the SVD-initialised low-rank embedding."""
+    if not student.dims.embedding_rank:
+        raise ValueError("the shear stage needs a student with a low-rank embedding (rank > 0)")
+    teacher.freeze()
+    temperature = LearnableTemperature(cfg.temperature)
+    trainer = Trainer(
+        student, shear_loss_fn(teacher, temperature, cfg), cfg.train, Path(str(out) + ".run"),
+        trainable_filter=list(cfg.trainable), extra_modules={"temperature": temperature},
+        evaluate_fn=dev_evaluator(data, cfg.eval_limit),
+        save_best=model_saver(Path(out), {"stage": "shear", "rank": cfg.rank,
+                                          "ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight,
+                                          "input_feature_weight": cfg.input_feature_weight,
+                                          "output_feature_weight": cfg.output_feature_weight,
+                                          **cfg.train.to_dict()}),
+    )
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)

@@ -1,0 +1,78 @@
+"""The whole training recipe end to end on a tiny random model and a few synthetic clips."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import tiny_model
+from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig, load_config
+from mlx_baldwhisper.weights import mlx_folder
+
+TINY_TRAIN = {"max_steps": 2, "warmup_steps": 1, "lr": 1e-3, "plot": False, "progress": False,
+              "log_every": 1}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "clips").mkdir()
+    lines = ["path\tsentence"]
+    for i, text in enumerate(["ina kwana", "sannu da zuwa", "yaya aiki", "na gode sosai"]):
+        sf.write(tmp_path / "clips" / f"c{i}.wav", (rng.standard_normal(8000) * 0.05).astype(np.float32), 16000)
+        lines.append(f"clips/c{i}.wav\t{text}")
+    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.tsv").write_text("\n".join(lines[:3]) + "\n")
+    model = tiny_model(seed=5)
+    mlx_folder.save(model, tmp_path / "start", model.tokenizer_dir, "test:tiny")
+    return tmp_path
+
+
+def tiny_config(start: str) -> dict:
+    small = {"train": TINY_TRAIN, "batch_size": 2, "eval_limit": 2}
+    return {"model": start, "language": "ha", "finetune": small, "recover": small,
+            "shear": {**small, "rank": 8},
+            "search": {"ratios": [0.0, 0.5], "dev_limit": 2, "train_fraction": 0.5,
+                       "recover": {"train": TINY_TRAIN, "batch_size": 2}}}
+
+
+def test_recipe_writes_every_model_and_results(corpus):
+    cfg_path = corpus / "cfg.json"
+    cfg_path.write_text(json.dumps(tiny_config(str(corpus / "start"))))
+    cfg = load_config(str(cfg_path))
+    out = corpus / "run"
+    results = Recipe(str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(out), cfg).run()
+    for name in ("teacher", "merged", "removed", "final"):
+        assert (out / name / "config.json").exists(), name
+        assert name in results["stages"]
+    assert set(results["stages"]) >= {"untuned", "teacher", "merged", "removed", "final"}
+    final = json.loads((out / "final" / "config.json").read_text())
+    assert final["embedding_rank"] == 8 and final["n_text_layer"] == 2
+    assert [t["stage"] for t in final["training"]][-1] == "shear"
+    assert len((out / "search" / "trials.jsonl").read_text().splitlines()) == 2
+    assert "| final |" in (out / "results.md").read_text()
+    assert json.loads((out / "config.json").read_text())["shear"]["rank"] == 8
+    # a second run finds every stage done and does not train again
+    again = Recipe(str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(out), cfg).run()
+    assert again["stages"]["final"] == results["stages"]["final"]
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"finetune": {"bogus": 1}}))
+    with pytest.raises(ValueError, match="unknown FinetuneConfig settings: bogus"):
+        load_config(str(p))
+
+
+def test_language_without_token_maps_to_an_existing_one(corpus):
+    cfg = RecipeConfig.from_dict(tiny_config(str(corpus / "start")))
+    cfg.language, cfg.language_token, cfg.search = "bm", "ha", None
+    out = corpus / "bm"
+    for tsv in ("train.tsv", "dev.tsv"):
+        text = (corpus / tsv).read_text()
+        (corpus / f"bm_{tsv}").write_text(text)
+    results = Recipe(str(corpus / "bm_train.tsv"), str(corpus / "bm_dev.tsv"), str(out), cfg).run()
+    assert "final" in results["stages"]
+    final = json.loads((out / "final" / "config.json").read_text())
+    assert final["language_tokens"] == {"bm": "ha"}

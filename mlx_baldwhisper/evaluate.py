@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from .audio import AudioError
 from .decoding import DecodingOptions, decode_features
@@ -66,7 +67,7 @@ def _rate(kind: str, refs: list[str], hyps: list[str]) -> float:
 def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = None,
              batch_size: int = 8, features: Optional[FeatureCache] = None,
              options: Optional[DecodingOptions] = None, limit: Optional[int] = None,
-             tokenizer: Optional[Tokenizer] = None) -> dict[str, Any]:
+             tokenizer: Optional[Tokenizer] = None, progress: bool = True) -> dict[str, Any]:
     """Greedy-decode ``items`` (Examples or prepared items) and score them.
 
     The language is ``language`` if given, else ``options.language``, else each item's
@@ -88,7 +89,9 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
             log.warning("skipping %s: empty reference", it.name)
             skipped.append((it.name, "empty reference"))
     rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(todo), desc="evaluating", unit="clip", disable=not progress)
     for b in range(0, len(todo), batch_size):
+        bar.update(len(todo[b:b + batch_size]))
         ok, feats = _batch_features(model, todo[b:b + batch_size], features, skipped)
         langs = [base.language or it.language for it in ok]
         batch_rows: list[dict[str, Any]] = [{} for _ in ok]
@@ -101,6 +104,7 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
         rows += batch_rows
     refs = [r["reference_norm"] for r in rows]
     hyps = [r["hypothesis_norm"] for r in rows]
+    bar.close()
     return {"wer": _rate("wer", refs, hyps), "cer": _rate("cer", refs, hyps), "n": len(rows),
             "seconds": time.perf_counter() - start, "language": base.language,
             "skipped": [list(s) for s in skipped], "rows": rows}

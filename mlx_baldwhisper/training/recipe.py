@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..convert import Surgery, apply_surgery
+from ..decoding import DecodingOptions
 from ..evaluate import evaluate, save_hypotheses
 from ..load import build_model, checkpoint_from_model, load_model
 from ..model import Whisper
@@ -41,6 +42,9 @@ class RecipeConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     shear: ShearConfig = field(default_factory=ShearConfig)
     eval_batch_size: int = 16
+    # Cap on generated tokens when scoring (None: Whisper's 224). A cap bounds the time an
+    # untuned model spends in repetition loops; it cannot change a transcript shorter than it.
+    eval_sample_len: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,8 +95,10 @@ class Recipe:
                                         if self.results_path.exists() else {"stages": {}})
 
     def _record(self, name: str, model: Whisper, seconds: float, data: StageData, **extra) -> None:
+        options = DecodingOptions(without_timestamps=True, temperature=0.0,
+                                  sample_len=self.cfg.eval_sample_len)
         r = evaluate(model, data.dev, language=data.language, batch_size=self.cfg.eval_batch_size,
-                     features=data.features)
+                     features=data.features, options=options)
         save_hypotheses(r, self.out / "hypotheses" / f"{name}.tsv")
         self.results["stages"][name] = {"wer": r["wer"], "cer": r["cer"], "n": r["n"],
                                         "params": _params(model), "train_seconds": round(seconds, 1),

@@ -7,7 +7,14 @@ transcripts of the English clips: cross-entropy (nats/token) and top-1 token acc
 Next to them: the unmerged model, the layer-removal baselines, and (per-pair table) what
 merging only one pair does while the other layers stay intact.
 
+With ``--recover-steps N`` each variant is also trained briefly (plain CE, decoder layers
+only, same batches for all) on Hausa train clips and scored by teacher-forced CE on Hausa
+dev clips: a small-scale version of the paper's protocol (brief recovery, then dev score).
+The full search, with distillation and dev WER, is the training recipe's merge-search stage.
+
     python benchmarks/merge_alpha.py --alphas 0,0.05,0.1,0.2,0.3,0.5,1
+    python benchmarks/merge_alpha.py --recover-steps 40 --recover-alphas 0,0.1,0.3,1 \
+        --recover-groupings "0;1,2,3;4,5|0;1,2;3,4,5"
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import click
 import mlx_baldwhisper  # noqa: F401  before mlx.core: selects the optimised BLAS on Linux
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "english"
+HAUSA = DATA.parent / "hausa"
 
 
 def reference_set(folder: Path, n_mels: int):
@@ -55,21 +63,98 @@ def score(model, feats, texts) -> tuple[float, float]:
     return ce / count, hits / count
 
 
-@click.command()
-@click.option("--alphas", default="0,0.05,0.1,0.2,0.3,0.5,1", show_default=True)
-@click.option("--pair-alphas", default="0,0.1,0.3,1", show_default=True,
-              help="α values for the one-pair-at-a-time table ('inf' = keep the lower layer).")
-@click.option("--data", default=str(DATA), show_default=True)
-def main(alphas: str, pair_alphas: str, data: str):
+def hausa_set(model, split: str, n: int, cache_dir: str | None = None):
+    """The first ``n`` clips of a Hausa split: tokenized items and encoder features."""
+    from mlx_baldwhisper.decoding import tokenizer_for
+    from mlx_baldwhisper.training.data import FeatureCache, encoder_fingerprint, prepare, read_split
+
+    tk = tokenizer_for(model, "ha", "transcribe")
+    items, _ = prepare(read_split(HAUSA, split, "ha")[:n], tk, model.dims.n_mels)
+    cache = FeatureCache(encoder_fingerprint(model), cache_dir)
+    cache.compute(model, items, batch_size=4, progress=False)
+    return items, cache.stack(items), tk.eot
+
+
+def batch(data, idx):
+    """Features, inputs, targets and mask for ``idx``, padded with eot under a zero mask."""
+    import mlx.core as mx
+    import numpy as np
+
+    items, feats, eot = data
+    t = max(len(items[i].tokens) - 1 for i in idx)
+    arr = np.full((3, len(idx), t), eot, np.float32)
+    arr[2] = 0
+    for k, i in enumerate(idx):
+        n = len(items[i].tokens) - 1
+        arr[:, k, :n] = items[i].inputs, items[i].targets, items[i].mask
+    ints = mx.array(arr[:2].astype(np.int32))
+    return mx.array(feats[list(idx)]).astype(mx.float32), ints[0], ints[1], mx.array(arr[2])
+
+
+def dev_ce(model, dev) -> float:
+    from mlx_baldwhisper.training.losses import cross_entropy
+
+    total, count = 0.0, 0.0
+    for s in range(0, len(dev[0]), 8):
+        f, inp, tgt, mask = batch(dev, range(s, min(s + 8, len(dev[0]))))
+        n = float(mask.sum())
+        total += float(cross_entropy(model.decoder(inp, f)[0], tgt, mask)) * n
+        count += n
+    return total / count
+
+
+def brief_recovery(model, train, dev, steps: int, size: int = 4, lr: float = 3e-5) -> tuple[float, float]:
+    """(dev CE before, dev CE after ``steps`` Adam steps on the decoder layers, 10 warm-up)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+
+    from mlx_baldwhisper.training.losses import cross_entropy
+
+    before = dev_ce(model, dev)
+    model.freeze()
+    for m in model.decoder.blocks + [model.decoder.ln]:
+        m.unfreeze()
+    warm = min(10, max(1, steps // 2))
+    opt = optim.Adam(learning_rate=optim.join_schedules(
+        [optim.linear_schedule(lr / warm, lr, warm), lambda _: lr], [warm]))
+    step = nn.value_and_grad(model, lambda m, f, i, t, k: cross_entropy(m.decoder(i, f)[0], t, k))
+    rng = np.random.default_rng(0)  # the same batches for every variant
+    for _ in range(steps):
+        _, grads = step(model, *batch(train, rng.choice(len(train[0]), size, replace=False)))
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    return before, dev_ce(model, dev)
+
+
+def recovery_table(ckpt, steps: int, alphas: str, groupings: str, n_train: int, n_dev: int,
+                   cache: str | None) -> None:
+    from mlx_baldwhisper.convert import DEFAULT_ALPHA, Surgery, apply_surgery
+    from mlx_baldwhisper.load import build_model
+
+    full = build_model(ckpt)
+    train, dev = hausa_set(full, "train", n_train, cache), hausa_set(full, "dev", n_dev, cache)
+    print(f"Brief recovery: {steps} steps × 4 Hausa train clips, dev CE on {n_dev} clips\n")
+    print("| decoder | dev CE before | dev CE after |\n|---|---|---|")
+    variants = [("base (6 layers)", None), ("removal: keep 0,2,5", Surgery(drop=3))]
+    variants += [(f"merged α={a}, β=1", Surgery(merge=True, alpha=float(a), beta=1.0))
+                 for a in alphas.split(",")]
+    variants += [(f"groups {g}, α={DEFAULT_ALPHA:g}, β=1", Surgery(merge_groups=g))
+                 for g in groupings.split("|") if g]
+    for name, s in variants:
+        model = build_model(ckpt if s is None else apply_surgery(ckpt, s))
+        print("| {} | {:.3f} | {:.3f} |".format(name, *brief_recovery(model, train, dev, steps)), flush=True)
+
+
+def zero_shot_tables(ckpt, data: Path, alphas: str, pair_alphas: str, groupings: str) -> None:
     import mlx.core as mx
 
     from mlx_baldwhisper.convert import Surgery, apply_surgery
     from mlx_baldwhisper.load import build_model
-    from mlx_baldwhisper.weights import read_checkpoint
 
-    ckpt = read_checkpoint(None)
     full = build_model(ckpt)
-    mel, texts = reference_set(Path(data), full.dims.n_mels)
+    mel, texts = reference_set(data, full.dims.n_mels)
     feats = full.embed_audio(mel)
     mx.eval(feats)
 
@@ -87,17 +172,47 @@ def main(alphas: str, pair_alphas: str, data: str):
     for name, (ce, acc) in rows:
         print(f"| {name} | {ce:.3f} | {acc:.1%} |")
 
-    # One pair at a time: which pair is hard to merge, and does the best α depend on it?
-    pas = pair_alphas.split(",")
-    print("\nOne pair merged, the other layers intact (CE nats/token / token accuracy):\n")
-    print("| pair | " + " | ".join(f"α={a}" for a in pas) + " |\n|---" * (len(pas) + 1) + "|")
-    for lo in range(0, ckpt.dims.n_text_layer, 2):
-        cells = []
-        for a in pas:
-            alpha, beta = (1.0, 0.0) if a == "inf" else (float(a), 1.0)
-            ce, acc = run(Surgery(merge_groups=f"{lo},{lo + 1}", alpha=alpha, beta=beta))
-            cells.append(f"{ce:.2f} / {acc:.0%}")
-        print(f"| ({lo},{lo + 1}) | " + " | ".join(cells) + " |")
+    def grid(title: str, rows: list[tuple[str, str]], cols: list[str]) -> None:
+        print(f"\n{title} (CE nats/token / token accuracy):\n")
+        print("| groups | " + " | ".join(f"α={a}" for a in cols) + " |\n|" + "---|" * (len(cols) + 1))
+        for label, groups in rows:
+            cells = []
+            for a in cols:
+                alpha, beta = (1.0, 0.0) if a == "inf" else (float(a), 1.0)
+                ce, acc = run(Surgery(merge_groups=groups, alpha=alpha, beta=beta))
+                cells.append(f"{ce:.2f} / {acc:.0%}")
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+    # Which pair is hard to merge, and does the best α depend on it? ('inf' keeps the lower layer)
+    pairs = [(f"only ({lo},{lo + 1})", f"{lo},{lo + 1}") for lo in range(0, ckpt.dims.n_text_layer, 2)]
+    grid("One pair merged, the other layers intact", pairs, pair_alphas.split(","))
+    # Other ways to reach 3 layers (a 1-layer group is kept as it is)
+    grid("Other 3-layer groupings", [(g, g) for g in groupings.split("|") if g], ["0", "0.1", "0.3"])
+
+
+@click.command()
+@click.option("--alphas", default="0,0.05,0.1,0.2,0.3,0.5,1", show_default=True)
+@click.option("--pair-alphas", default="0,0.1,0.3,1,inf", show_default=True,
+              help="α values for the one-pair-at-a-time table ('inf' = keep the lower layer).")
+@click.option("--groupings", default="0,1;2,3;4,5|0;1,2,3;4,5|0;1,2;3,4,5|0,1,2;3,4,5",
+              show_default=True, help="Decoder groupings compared, separated by '|'.")
+@click.option("--data", default=str(DATA), show_default=True)
+@click.option("--recover-steps", default=0, show_default=True, help="0: zero-shot tables only.")
+@click.option("--recover-alphas", default="0,0.1,0.3,1", show_default=True)
+@click.option("--recover-groupings", default="", help="Groupings recovered too (at the default α).")
+@click.option("--train-clips", default=64, show_default=True)
+@click.option("--dev-clips", default=32, show_default=True)
+@click.option("--feature-cache", default=None, help="Keep the Hausa encoder features here.")
+def main(alphas, pair_alphas, groupings, data, recover_steps, recover_alphas, recover_groupings,
+         train_clips, dev_clips, feature_cache):
+    from mlx_baldwhisper.weights import read_checkpoint
+
+    ckpt = read_checkpoint(None)
+    if recover_steps:
+        recovery_table(ckpt, recover_steps, recover_alphas, recover_groupings, train_clips,
+                       dev_clips, feature_cache)
+    else:
+        zero_shot_tables(ckpt, Path(data), alphas, pair_alphas, groupings)
 
 
 if __name__ == "__main__":

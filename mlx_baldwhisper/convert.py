@@ -6,8 +6,6 @@ temporary sibling and renamed at the end, so a failed run leaves no half folder.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -16,10 +14,10 @@ import numpy as np
 
 from . import lowrank, merge
 from .load import build_model, resolve_dtype
-from .weights import Checkpoint, read_checkpoint
-from .weights import mlx_folder
+from .quantize import check_quantization, quantize_model
+from .weights import Checkpoint, mlx_folder, read_checkpoint
 
-DEFAULT_ALPHA = 0.1  # see README "Choosing α and β": measured on held-out English
+DEFAULT_ALPHA = 0.1  # measured, see docs/COMPRESSION.md "Choosing α and β" (only α/(α+β) matters)
 DEFAULT_BETA = 1.0
 
 
@@ -38,6 +36,15 @@ class Surgery:
     q_group_size: int = 64
     report: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def merges_decoder(self) -> bool:
+        return bool(self.merge or self.merge_groups or self.merge_weights)
+
+    @property
+    def changes_weights(self) -> bool:
+        return (self.merges_decoder or bool(self.encoder_merge_groups) or self.drop is not None
+                or self.rank is not None or self.quantize)
+
 
 def _part(name: str) -> str:
     if name.startswith("encoder"):
@@ -45,7 +52,7 @@ def _part(name: str) -> str:
     if name.startswith("decoder.token_embedding"):
         return "embedding"
     if name.startswith("decoder.positional"):
-        return "positions"
+        return "decoder positions"
     return "decoder layers"
 
 
@@ -59,29 +66,44 @@ def component_sizes(weights: dict[str, Any]) -> dict[str, list[int]]:
     return out
 
 
+def fixed_positions(dims) -> int:
+    """The encoder's sinusoidal positions: computed, never stored, so not in our counts,
+    but part of the usual quoted size (whisper-base: 71.83M stored + 0.77M = 72.6M)."""
+    return dims.n_audio_ctx * dims.n_audio_state
+
+
+def check_request(ckpt: Checkpoint, s: Surgery) -> None:
+    """Refuse impossible or ambiguous requests before any work is done."""
+    d = ckpt.dims.n_text_state
+    if s.merges_decoder and s.drop is not None:
+        raise ValueError("--merge and --drop are alternatives: choose one")
+    if s.rank is not None and not 1 <= s.rank <= d:
+        raise ValueError(f"--rank must be between 1 and the model width {d}, got {s.rank}")
+    if s.quantize:
+        check_quantization(s.q_bits, s.q_group_size)
+    if ckpt.extra.get("quantization") and s.changes_weights:
+        raise ValueError("this model is quantized: convert from the float model instead")
+
+
 def apply_surgery(ckpt: Checkpoint, s: Surgery) -> Checkpoint:
     """Merge (or drop) layers, then shear the embedding; records what was done."""
+    check_request(ckpt, s)
     record: dict[str, Any] = dict(ckpt.extra.get("surgery", {}))
     n = ckpt.dims.n_text_layer
-    if s.merge and s.drop:
-        raise ValueError("--merge and --drop are alternatives: choose one")
-    if s.rank is not None and not 1 <= s.rank <= ckpt.dims.n_text_state:
-        raise ValueError(f"--rank must be between 1 and the model width {ckpt.dims.n_text_state}, got {s.rank}")
     if s.encoder_merge_groups:
-        plan = merge.make_plan(ckpt.dims.n_audio_layer, merge.parse_groups(s.encoder_merge_groups),
-                               s.alpha, s.beta)
+        n_audio = ckpt.dims.n_audio_layer
+        plan = merge.make_plan(n_audio, merge.parse_groups(s.encoder_merge_groups), s.alpha, s.beta)
         ckpt = merge.apply_plan(ckpt, plan, "encoder")
-        record["encoder_merge"] = plan.to_dict()
-    if s.merge or s.merge_groups:
+        record["encoder_merge"] = {**plan.to_dict(), "alpha": s.alpha, "beta": s.beta,
+                                   "source_layers": n_audio}
+    if s.merges_decoder:
         groups = merge.parse_groups(s.merge_groups) if s.merge_groups else None
         weights = merge.parse_weights(s.merge_weights) if s.merge_weights else None
-        if weights is not None and groups is None:
-            groups = merge.adjacent_pairs(n)
         plan = merge.make_plan(n, groups, s.alpha, s.beta, weights)
         ckpt = merge.apply_plan(ckpt, plan, "decoder")
         record["decoder_merge"] = {**plan.to_dict(), "alpha": s.alpha, "beta": s.beta,
                                    "source_layers": n}
-    elif s.drop:
+    elif s.drop is not None:
         plan = merge.removal_plan(n, s.drop)
         ckpt = merge.apply_plan(ckpt, plan, "decoder")
         record["decoder_removal"] = {"kept": [g[0] for g in plan.groups], "source_layers": n}
@@ -99,10 +121,10 @@ def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
     """Read ``source``, apply ``surgery``, and write an MLX model folder at ``mlx_path``."""
     from mlx.utils import tree_flatten
 
-    from .quantize import quantize_model
-
     surgery = surgery or Surgery()
     out = Path(mlx_path)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
     target = resolve_dtype(dtype)
@@ -112,26 +134,16 @@ def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
         v[1] = v[0] * target.size
     ckpt = apply_surgery(ckpt, surgery)
     model = build_model(ckpt, target)
-    model.extra_config = dict(ckpt.extra)
     after = component_sizes(dict(tree_flatten(model.parameters())))
     if surgery.quantize:
         quantize_model(model, surgery.q_bits, surgery.q_group_size)
         packed = component_sizes(dict(tree_flatten(model.parameters())))
         for part, v in after.items():
             v[1] = packed[part][1]
-    surgery.report.update(before=before, after=after)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        mlx_folder.save(model, tmp, ckpt.tokenizer_dir, ckpt.source)
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(size_table(before, after))
+    fixed = fixed_positions(model.dims)
+    surgery.report.update(before=before, after=after, fixed_positions=fixed)
+    mlx_folder.save_atomic(model, out, ckpt.tokenizer_dir, ckpt.source)
+    log(size_table(before, after, fixed))
     if "relative_error" in surgery.report:
         log(f"embedding rank {surgery.rank}: relative reconstruction error "
             f"‖E − AB‖/‖E‖ = {surgery.report['relative_error']:.4f}")
@@ -139,14 +151,25 @@ def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
     return model
 
 
-def size_table(before: dict, after: dict) -> str:
+def size_table(before: dict, after: dict, fixed: int = 0) -> str:
+    """Params and MB per component, before and after, plus totals in both conventions."""
+    def line(name: str, row) -> str:
+        return (f"| {name} | {row[0] / 1e6:.2f}M | {row[1] / 1e6:.2f}M "
+                f"| {row[2] / 1e6:.1f} | {row[3] / 1e6:.1f} |")
+
     rows = ["| component | params before | params after | MB before | MB after |",
             "|---|---|---|---|---|"]
     total = np.zeros(4)
     for part in dict.fromkeys(list(before) + list(after)):
-        row = np.array(before.get(part, [0, 0])[:1] + after.get(part, [0, 0])[:1]
-                       + before.get(part, [0, 0])[1:] + after.get(part, [0, 0])[1:], dtype=float)
+        b, a = before.get(part, [0, 0]), after.get(part, [0, 0])
+        row = np.array([b[0], a[0], b[1], a[1]], dtype=float)
         total += row
-        rows.append(f"| {part} | {row[0] / 1e6:.2f}M | {row[1] / 1e6:.2f}M | {row[2] / 1e6:.1f} | {row[3] / 1e6:.1f} |")
-    rows.append(f"| total | {total[0] / 1e6:.2f}M | {total[1] / 1e6:.2f}M | {total[2] / 1e6:.1f} | {total[3] / 1e6:.1f} |")
+        rows.append(line(part, row))
+    rows.append(line("total stored", total))
+    if fixed:
+        rows.append(line("encoder sinusoidal positions (computed, not stored)", [fixed, fixed, 0, 0]))
+        total = total + [fixed, fixed, 0, 0]
+        rows.append(line("total, conventional count", total))
+    rows.append(f"\nparameters after/before: {total[1] / total[0]:.1%}"
+                + (" (conventional count, fixed positions included)" if fixed else ""))
     return "\n".join(rows)

@@ -76,6 +76,8 @@ def make_plan(n_layers: int, groups: Optional[list[list[int]]], alpha: float, be
     full = [sorted(g) for g in groups] + [[i] for i in range(n_layers) if i not in seen]
     full.sort(key=min)
     if weights is not None:
+        if len(weights) != len(groups):
+            raise ValueError(f"{len(weights)} weight groups for {len(groups)} merge groups")
         by_first = {min(g): w for g, w in zip(groups, weights)}
         for g, w in zip(groups, weights):
             if len(w) != len(g):

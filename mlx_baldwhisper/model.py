@@ -15,6 +15,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_decode, cpu_ops
 from .kv_cache import KVCache
 from .lowrank import LowRankEmbedding
 
@@ -70,31 +71,56 @@ class MultiHeadAttention(nn.Module):
         cross_kv: Optional[tuple[mx.array, mx.array]] = None,
         need_weights: bool = False,
     ) -> tuple[mx.array, Optional[tuple[mx.array, mx.array]], Optional[mx.array]]:
-        """Returns (output, cross-attention (k, v) for reuse, attention weights or None)."""
+        """Returns (output, cross-attention (k, v) for reuse, attention weights or None).
+
+        The cross (k, v) pair is kept in the layout attention uses: split by head,
+        ``(batch, heads, audio_ctx, head_dim)``, contiguous, keys already scaled, so a
+        decoding step reads it as it is (no per-step scale, transpose or copy).
+        """
         q = self.query(x)
         if cross_kv is not None:
             k, v = cross_kv
         elif xa is not None:
-            k, v = self.key(xa), self.value(xa)
-            cross_kv = (k, v)
+            cross_kv = k, v = self.cross_kv_of(xa)
+        elif cache is None and mask is None and not need_weights and cpu_ops.active():
+            out = cpu_ops.self_attention(q, self.key(x), self.value(x), self.n_head)
+            return self.out(out), None, None
         else:
-            k, v = self.key(x), self.value(x)
+            k = self._heads(self.key(x), self._scale(x))
+            v = self._heads(self.value(x))
             if cache is not None:
-                k, v = cache.update(k, v)
+                k, v = cache.update_heads(k, v)
+        if cross_kv is not None and not need_weights:
+            b, t_q, d = q.shape
+            q = self._heads(q, self._scale(q))
+            out = cpu_ops.attend_heads(q, k, v).transpose(0, 2, 1, 3).reshape(b, t_q, d)
+            return self.out(out), cross_kv, None
         out, w = self.attend(q, k, v, mask, need_weights)
         return self.out(out), cross_kv, w
+
+    def cross_kv_of(self, xa: mx.array) -> tuple[mx.array, mx.array]:
+        """Encoder keys (scaled) and values, head-split and contiguous, for reuse."""
+        k = mx.contiguous(self._heads(self.key(xa), self._scale(xa)))
+        v = mx.contiguous(self._heads(self.value(xa)))
+        return k, v
+
+    def _scale(self, x: mx.array) -> float:
+        return (x.shape[-1] // self.n_head) ** -0.25
+
+    def _heads(self, x: mx.array, scale: Optional[float] = None) -> mx.array:
+        """(batch, time, width) -> (batch, heads, time, head_dim), optionally scaled."""
+        b, t, _ = x.shape
+        if scale is not None:
+            x = x * scale
+        return x.reshape(b, t, self.n_head, -1).transpose(0, 2, 1, 3)
 
     def attend(
         self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array], need_weights: bool
     ) -> tuple[mx.array, Optional[mx.array]]:
+        """q: (batch, t_q, width); k, v: head-split (batch, heads, t_k, head_dim), k scaled."""
         b, t_q, d = q.shape
-        t_k = k.shape[1]
-        h = self.n_head
-        scale = (d // h) ** -0.25
-        q = (q * scale).reshape(b, t_q, h, -1).transpose(0, 2, 1, 3)
-        k = (k * scale).reshape(b, t_k, h, -1).transpose(0, 2, 3, 1)
-        v = v.reshape(b, t_k, h, -1).transpose(0, 2, 1, 3)
-        qk = q @ k
+        q = self._heads(q, self._scale(q))
+        qk = q @ k.swapaxes(-1, -2)
         if mask is not None:
             qk = qk + mask
         w = mx.softmax(qk.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
@@ -130,7 +156,7 @@ class ResidualAttentionBlock(nn.Module):
                 self.cross_attn_ln(x), xa, cross_kv=cross_kv, need_weights=need_weights
             )
             x = x + y
-        x = x + self.mlp2(nn.gelu(self.mlp1(self.mlp_ln(x))))
+        x = x + self.mlp2(cpu_ops.gelu(self.mlp1(self.mlp_ln(x))))
         return x, cross_kv, w
 
 
@@ -145,8 +171,8 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array) -> mx.array:
         """mel: (batch, frames, n_mels) -> (batch, frames // 2, n_state)."""
-        x = nn.gelu(self.conv1(mel))
-        x = nn.gelu(self.conv2(x))
+        x = cpu_ops.gelu(self.conv1(mel))
+        x = cpu_ops.gelu(self.conv2(x))
         n = x.shape[1]
         if n > self._positional_embedding.shape[0]:
             raise ValueError(f"audio is {n} frames, the encoder holds at most "
@@ -185,8 +211,21 @@ class TextDecoder(nn.Module):
 
         ``caches`` holds the self-attention keys/values already seen, so a step only
         feeds the new tokens; ``cross_kv`` holds the encoder projections computed once
-        per audio window.
+        per audio window. Incremental decoding (``caches`` given) is inference: on
+        Linux CPU a float32 decoder's step runs in numpy (cpu_decode), other decoders
+        use numpy for cross-attention and the vocabulary projection (cpu_ops).
         """
+        if caches is not None:
+            with cpu_ops.inference():
+                if cpu_ops.active() and not (need_weights or return_hidden) \
+                        and cpu_decode.supported(self):
+                    out = cpu_decode.decode_step(self, tokens, xa, caches, cross_kv)
+                    if out is not None:
+                        return out
+                return self._forward(tokens, xa, caches, cross_kv, need_weights, return_hidden)
+        return self._forward(tokens, xa, caches, cross_kv, need_weights, return_hidden)
+
+    def _forward(self, tokens, xa, caches, cross_kv, need_weights, return_hidden):
         offset = caches[0].offset if caches else 0
         t = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + t]
@@ -205,7 +244,17 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         if return_hidden:
             return x, new_cross, weights
-        return self.token_embedding.as_linear(x), new_cross, weights
+        return self.project(x), new_cross, weights
+
+    def project(self, x: mx.array) -> mx.array:
+        """Hidden states to vocabulary logits with the tied (possibly factored) embedding."""
+        emb = self.token_embedding
+        if cpu_ops.active():
+            if isinstance(emb, LowRankEmbedding) and type(emb.A) is nn.Embedding:
+                return cpu_ops.matmul_t(x @ emb.B.T, emb.A.weight)
+            if type(emb) is nn.Embedding:
+                return cpu_ops.matmul_t(x, emb.weight)
+        return emb.as_linear(x)
 
 
 def causal_mask(t: int, offset: int, dtype: mx.Dtype) -> mx.array:
@@ -243,7 +292,10 @@ class Whisper(nn.Module):
         self.tokenizer_dir = None
 
     def embed_audio(self, mel: mx.array) -> mx.array:
-        return self.encoder(mel)
+        """Encoder output for inference: on Linux CPU the softmax and GELU run in numpy
+        (see cpu_ops; gradients through it remain exact)."""
+        with cpu_ops.inference():
+            return self.encoder(mel)
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         return self.decoder(tokens, audio_features)[0]
@@ -253,7 +305,8 @@ class Whisper(nn.Module):
 
     def new_caches(self, batch: int) -> list[KVCache]:
         d = self.dims
-        return [KVCache(batch, d.n_text_ctx, d.n_text_state) for _ in range(d.n_text_layer)]
+        return [KVCache(batch, d.n_text_ctx, d.n_text_state, d.n_text_head)
+                for _ in range(d.n_text_layer)]
 
     @property
     def is_multilingual(self) -> bool:

@@ -13,13 +13,19 @@ import mlx.core as mx
 import mlx.nn as nn
 
 SUPPORTED_BITS = (2, 3, 4, 6, 8)
+SUPPORTED_GROUPS = (32, 64, 128)
+
+
+def check_quantization(bits: int, group_size: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"--q-bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size not in SUPPORTED_GROUPS:
+        raise ValueError(f"--q-group-size must be one of {SUPPORTED_GROUPS}, got {group_size}")
 
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64) -> dict:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"--q-bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise ValueError(f"--q-group-size must be 32, 64 or 128, got {group_size}")
+    check_quantization(bits, group_size)
+
     def pick(path: str, m: nn.Module):
         if not isinstance(m, (nn.Linear, nn.Embedding)) or not hasattr(m, "to_quantized"):
             return False
@@ -29,8 +35,15 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64) -> dic
                 return {"group_size": gs, "bits": bits}
         return False
 
+    candidates = [(path, m) for path, m in model.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Embedding))]
+    skipped = sorted(path for path, m in candidates if not pick(path, m))
+    if len(skipped) == len(candidates):
+        raise ValueError("no layer of this model can be quantized: widths must be multiples of 32")
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pick)
     info = {"bits": bits, "group_size": group_size}
+    if skipped:  # widths that are not a multiple of 32 stay in float
+        info["float_layers"] = skipped
     model.extra_config["quantization"] = info
     return info
 

@@ -51,12 +51,36 @@ def test_weighted_average_and_single_layer_identity(ckpt):
                                       ckpt.weights[f"decoder.blocks.{old}.{k}"])
 
 
+def f32(ckpt, name):
+    return np.asarray(ckpt.weights[name], dtype=np.float32)
+
+
 def test_groups_of_three_and_encoder_merging(ckpt):
-    merged = apply_surgery(ckpt, Surgery(merge_groups="0,1,2", encoder_merge_groups="0,1"))
+    s = Surgery(merge_groups="0,1,2", encoder_merge_groups="0,1", alpha=0.5, beta=2.0)
+    merged = apply_surgery(ckpt, s)
     assert merged.dims.n_text_layer == 2 and merged.dims.n_audio_layer == 1
-    plan = make_plan(4, parse_groups("0,1,2"), 0.1, 1.0)
-    assert plan.weights[0] == [0.1, 0.1, 1.0]
+    assert make_plan(4, parse_groups("0,1,2"), 0.1, 1.0).weights[0] == [0.1, 0.1, 1.0]
+    k = "attn.query.weight"
+    want = sum(w * f32(ckpt, f"decoder.blocks.{i}.{k}") for i, w in enumerate([0.5, 0.5, 2.0])) / 3
+    np.testing.assert_allclose(f32(merged, f"decoder.blocks.0.{k}"), want, atol=1e-3)
+    np.testing.assert_array_equal(merged.weights[f"decoder.blocks.1.{k}"], ckpt.weights[f"decoder.blocks.3.{k}"])
+    want = (0.5 * f32(ckpt, f"encoder.blocks.0.{k}") + 2 * f32(ckpt, f"encoder.blocks.1.{k}")) / 2.5
+    np.testing.assert_allclose(f32(merged, f"encoder.blocks.0.{k}"), want, atol=1e-3)
+    assert merged.extra["surgery"]["encoder_merge"]["groups"] == [[0, 1]]
+    assert all(l < 2 for l, _ in merged.alignment_heads)
     build_model(merged)  # the merged architecture loads
+
+
+def test_per_group_weights(ckpt):
+    by_weights = apply_surgery(ckpt, Surgery(merge_weights="1,3;0,1"))  # implies --merge
+    by_alpha = apply_surgery(ckpt, Surgery(merge_groups="0,1", alpha=1, beta=3))
+    upper = apply_surgery(ckpt, Surgery(merge=True, alpha=0, beta=1))
+    for key, w in by_weights.weights.items():
+        if key.startswith("decoder.blocks.0."):
+            np.testing.assert_array_equal(w, by_alpha.weights[key])
+        if key.startswith("decoder.blocks.1."):
+            np.testing.assert_array_equal(w, upper.weights[key])
+    assert by_weights.extra["surgery"]["decoder_merge"]["weights"] == [[1.0, 3.0], [0.0, 1.0]]
 
 
 def test_removal_keeps_maximally_spaced_layers(ckpt):
@@ -65,6 +89,12 @@ def test_removal_keeps_maximally_spaced_layers(ckpt):
     dropped = apply_surgery(ckpt, Surgery(drop=2))
     np.testing.assert_array_equal(dropped.weights["decoder.blocks.1.mlp1.weight"],
                                   ckpt.weights["decoder.blocks.3.mlp1.weight"])
+
+
+def test_removal_moves_heads_to_the_nearest_kept_layer(ckpt):
+    dropped = apply_surgery(ckpt, Surgery(drop=2))  # keeps 0 and 3; heads (2,1) (3,0) (3,3)
+    assert dropped.alignment_heads == [[1, 1], [1, 0], [1, 3]]
+    assert dropped.extra["surgery"]["decoder_removal"] == {"kept": [0, 3], "source_layers": 4}
 
 
 def test_alignment_heads_follow_their_layer(ckpt):
@@ -96,12 +126,79 @@ def test_full_rank_reproduces_logits_and_low_rank_is_close(ckpt):
     (Surgery(merge_groups="a;b"), "must look like"),
     (Surgery(merge=True, alpha=-1), "non-negative"),
     (Surgery(merge=True, drop=2), "alternatives"),
+    (Surgery(drop=0), "cannot keep"),
+    (Surgery(drop=5), "cannot keep"),
+    (Surgery(merge_groups="0,1,2;3", merge_weights="1,1"), "weight groups"),
+    (Surgery(merge_weights="1,2,3;1,1"), "has 2 layers but 3 weights"),
+    (Surgery(merge_weights="-1,1;0,1"), "non-negative"),
+    (Surgery(merge_weights="0,0;0,1"), "positive sum"),
+    (Surgery(merge=True, alpha=0, beta=0), "positive sum"),
+    (Surgery(encoder_merge_groups="0,1,2"), "does not exist"),
+    (Surgery(merge_groups="0,1,2"), None),  # 3 of 4 layers merged, layer 3 kept: fine
+    (Surgery(quantize=True, q_bits=5), "--q-bits"),
+    (Surgery(quantize=True, q_group_size=48), "--q-group-size"),
 ])
 def test_refusals_write_nothing(bad, match, tmp_path):
     out = tmp_path / "out"
+    if match is None:
+        convert(FIXTURE, str(out), "float32", bad, log=lambda *_: None)
+        assert load_model(str(out)).dims.n_text_layer == 2
+        return
     with pytest.raises(ValueError, match=match):
         convert(FIXTURE, str(out), "float32", bad, log=lambda *_: None)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_odd_layer_count_needs_explicit_groups():
+    with pytest.raises(ValueError, match="even count"):
+        make_plan(3, None, 0.1, 1.0)
+
+
+def test_existing_folder_needs_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(FIXTURE, str(out), "float32", Surgery(merge=True), log=lambda *_: None)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        convert(FIXTURE, str(tmp_path / "file"), "float32", log=lambda *_: None)
+    convert(FIXTURE, str(out), "float32", Surgery(merge=True), force=True, log=lambda *_: None)
+    assert not (out / "keep.txt").exists() and load_model(str(out)).dims.n_text_layer == 2
+
+
+def test_a_failed_write_leaves_no_half_folder(tmp_path, monkeypatch):
+    from mlx_baldwhisper.weights import mlx_folder
+
+    out = tmp_path / "out"
+    convert(FIXTURE, str(out), "float32", log=lambda *_: None)
+    before = sorted(p.name for p in out.iterdir())
+
+    def broken(model, folder, *args):
+        (folder / "weights.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mlx_folder, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert(FIXTURE, str(out), "float32", Surgery(merge=True), force=True, log=lambda *_: None)
+    with pytest.raises(OSError, match="disk full"):
+        convert(FIXTURE, str(tmp_path / "new"), "float32", log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary sibling, no "new"
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert load_model(str(out)).dims.n_text_layer == 4  # the old folder is intact
+
+
+def test_surgery_refuses_quantized_or_sheared_sources(tmp_path, wide_folder):
+    q = tmp_path / "q"
+    convert(wide_folder, str(q), "float32", Surgery(quantize=True, q_bits=8), log=lambda *_: None)
+    with pytest.raises(ValueError, match="quantized"):
+        convert(str(q), str(tmp_path / "x"), "float32", Surgery(merge=True), log=lambda *_: None)
+    sheared = tmp_path / "s"
+    convert(FIXTURE, str(sheared), "float32", Surgery(rank=8), log=lambda *_: None)
+    with pytest.raises(ValueError, match="already factored"):
+        convert(str(sheared), str(tmp_path / "y"), "float32", Surgery(rank=4), log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "s"]
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +235,40 @@ def test_quantized_compressed_folder_round_trips(bits, tmp_path, wide_folder):
     assert np.isfinite(logits(reloaded)).all() and float_logits.shape == logits(reloaded).shape
 
 
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "convert.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
 def test_convert_cli_reports_sizes(tmp_path):
     out = tmp_path / "m"
-    p = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-name-or-path", FIXTURE,
-                        "--merge", "--rank", "8", "--mlx-path", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    p = cli("--torch-name-or-path", FIXTURE, "--merge", "--rank", "8", "--mlx-path", out)
     assert p.returncode == 0, p.stderr
     assert "| embedding |" in p.stdout and "relative reconstruction error" in p.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--torch-name-or-path", FIXTURE,
-                          "--rank", "999", "--mlx-path", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=300)
+    assert "encoder sinusoidal positions" in p.stdout and "total, conventional count" in p.stdout
+    bad = cli("--torch-name-or-path", FIXTURE, "--rank", "999", "--mlx-path", tmp_path / "bad")
     assert bad.returncode == 1 and bad.stderr.startswith("error: --rank") and not (tmp_path / "bad").exists()
+    again = cli("--torch-name-or-path", FIXTURE, "--merge", "--mlx-path", out)
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_convert_cli_passes_every_option(tmp_path, wide_folder):
+    out = tmp_path / "groups"
+    p = cli("--torch-name-or-path", FIXTURE, "--merge-groups", "0,1,2", "--merge-weights", "0.1,0.1,1",
+            "--encoder-merge-groups", "0,1", "--alpha", "0.3", "--beta", "2", "--dtype", "float32",
+            "--mlx-path", out)
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["surgery"]["decoder_merge"]["weights"] == [[0.1, 0.1, 1.0], [1.0]]
+    assert cfg["surgery"]["encoder_merge"]["weights"] == [[0.3, 2.0]]
+    assert cfg["dtype"] == "float32" and cfg["n_text_layer"] == 2 and cfg["n_audio_layer"] == 1
+    out = tmp_path / "drop-q8"
+    p = cli("--torch-name-or-path", wide_folder, "--drop", "2", "-q", "--q-bits", "8",
+            "--q-group-size", "32", "--mlx-path", out)
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["surgery"]["decoder_removal"]["kept"] == [0, 3]
+    assert cfg["quantization"] == {"bits": 8, "group_size": 32}
+    bad = cli("--torch-name-or-path", wide_folder, "-q", "--q-bits", "3", "--q-group-size", "100",
+              "--mlx-path", tmp_path / "bad")
+    assert bad.returncode == 1 and "--q-group-size" in bad.stderr and not (tmp_path / "bad").exists()

@@ -272,6 +272,7 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, json_pat
                 "engine": label, **{k: round(v, 3) for k, v in r.items()},
                 "clips_rtf": round(r["clips_s"] / clips_audio_s, 4),
                 "long_rtf": round(r["long_s"] / long_audio_s, 4),
+                "tokens_decoded": {"clips": sum(len(toks[k]) for k in clips), "long": len(toks["long"])},
                 "tokens": toks, "texts": {k: v["text"] for k, v in outs.items()},
                 "same_as_reference": same(toks, ref, clips),
             })
@@ -287,22 +288,23 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, json_pat
 
     lines = [f"Audio: {len(clips)} clips, {clips_audio_s:.1f} s in all; long file {long_audio_s:.1f} s.",
              "", "| engine | 5 clips (s) | RTF | long file (s) | RTF | vs ours base (clips / long) "
-             "| greedy tokens = ours base | = faster-whisper reference |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tokens out (clips / long) | greedy tokens = ours base | = faster-whisper reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "—"
         if ours_base and r is not ours_base:
             speed = (f"{r['clips_s'] / ours_base['clips_s']:.2f}× / {r['long_s'] / ours_base['long_s']:.2f}× "
                      "time")
         lines.append(f"| {r['engine']} | {r['clips_s']:.2f} | {r['clips_rtf']:.3f} | {r['long_s']:.2f} | "
-                     f"{r['long_rtf']:.3f} | {speed} | {yn(r['same_as_ours_base'])} | "
+                     f"{r['long_rtf']:.3f} | {speed} | {r['tokens_decoded']['clips']} / "
+                     f"{r['tokens_decoded']['long']} | {yn(r['same_as_ours_base'])} | "
                      f"{yn(r['same_as_reference'])} |")
     print("\n".join(lines))
     for r in rows:
         if r["same_as_ours_base"] is False:
             for k in r["tokens"]:
                 if base_out and r["tokens"][k] != base_out.get(k):
-                    print(f"  {r['engine']} differs on {k}: {r['texts'][k]!r}", file=sys.stderr)
+                    print(f"  {r['engine']} differs on {k}: {r['texts'][k][:160]!r}", file=sys.stderr)
     result = {"machine": machine(), "clips_audio_s": round(clips_audio_s, 2),
               "long_audio_s": round(long_audio_s, 2), "repeats": repeats, "notes": notes,
               "rows": [{k: v for k, v in r.items() if k not in ("tokens",)} for r in rows]}

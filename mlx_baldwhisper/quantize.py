@@ -9,7 +9,6 @@ quantized folder reloads with no extra bookkeeping.
 
 from __future__ import annotations
 
-import mlx.core as mx
 import mlx.nn as nn
 
 SUPPORTED_BITS = (2, 3, 4, 6, 8)

@@ -216,8 +216,10 @@ def machine() -> dict[str, Any]:
               type=click.Choice(["float32", "float16", "bfloat16"]), help="For our models.")
 @click.option("--batched/--no-batched", default=True,
               help="Also time ours base with the 5 clips as one batched call.")
+@click.option("--peers-first", is_flag=True,
+              help="Run the peers before our models (to see the effect of a changing load).")
 @click.option("--json", "json_path", default=None, help="Also write the JSON here.")
-def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, json_path):
+def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, peers_first, json_path):
     clips = load_clips(Path(clips_dir))
     long = long_file(clips)
     clips_audio_s = sum(len(a) for a in clips.values()) / SR
@@ -249,6 +251,9 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, json_pat
                                 lambda th=th: faster_whisper_engine(tmp, th), False))
         except ImportError:
             notes.append("faster-whisper not installed: skipped (pip install faster-whisper==1.2.1)")
+    if peers_first:
+        n_ours = len(specs) + (1 if batched and "base" in [n for n, _ in specs] else 0)
+        engines = engines[n_ours:] + engines[:n_ours]
     for n in notes:
         print("note:", n, file=sys.stderr)
 

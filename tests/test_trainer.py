@@ -218,8 +218,9 @@ def test_ctrl_c_finishes_the_step_then_saves(tmp_path):
                 yield b
 
     model = tiny(0)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background (CI)
     res = Trainer(model, ce_loss, cfg(grad_accum=3), tmp_path).train(SigintBatcher(make_batches(4)))
     assert res.status == "interrupted" and res.step == 2
     state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
     assert state["step"] == 2 and state["extra_state"]["data"] == {"pos": 2, "epoch": 1}
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before  # the previous handler is restored

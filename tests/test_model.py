@@ -70,3 +70,16 @@ def test_language_detection_and_unknown_language():
     assert r.language_probs and abs(sum(r.language_probs.values()) - 1) < 1e-3
     with pytest.raises(UnknownLanguageError, match="unknown language 'klingon'"):
         decode_features(model, mx.random.normal((1, 1500, 32)), DecodingOptions(language="klingon"))
+
+
+def test_large_v3_style_dims_128_mels_and_uneven_stacks():
+    """large-v3/turbo shapes: 128 mel bins, a deep encoder and a shallow decoder."""
+    from mlx_baldwhisper.audio import log_mel_spectrogram, pad_or_trim
+
+    model = tiny_model(seed=6, n_mels=128, n_audio_layer=3, n_text_layer=1, n_text_head=4)
+    mel = log_mel_spectrogram(pad_or_trim(np.zeros(16000, np.float32)), 128)[None]
+    assert mel.shape == (1, 3000, 128)
+    feats = model.embed_audio(mel)
+    assert feats.shape == (1, 1500, 32)
+    r = decode_features(model, feats, DecodingOptions(language="en", sample_len=3))[0]
+    assert r.language == "en"

@@ -42,14 +42,15 @@ class KVCache:
         b, h, t, d = x.shape
         return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
-    def _reserve(self, end: int, like_k: mx.array, like_v: mx.array) -> None:
+    def _reserve(self, end: int, like_k, like_v, zeros=mx.zeros) -> None:
+        """Grow the buffers (MLX or numpy, by ``zeros``) in steps so ``end`` fits."""
         if self._k is not None and end <= self._k.shape[2]:
             return
         size = min(self.max_len, -(-end // self.step) * self.step)
         size = max(size, end)
         b, h, _, d = like_k.shape
-        new_k = mx.zeros((b, h, size, d), like_k.dtype)
-        new_v = mx.zeros((b, h, size, like_v.shape[-1]), like_v.dtype)
+        new_k = zeros((b, h, size, d), like_k.dtype)
+        new_v = zeros((b, h, size, like_v.shape[-1]), like_v.dtype)
         if self._k is not None and self.offset:
             new_k[:, :, : self.offset] = self._k[:, :, : self.offset]
             new_v[:, :, : self.offset] = self._v[:, :, : self.offset]
@@ -72,15 +73,7 @@ class KVCache:
         if self._k is not None and not isinstance(self._k, np.ndarray):
             self._k, self._v = np.array(self._k), np.array(self._v)
         end = self.offset + k.shape[2]
-        if self._k is None or end > self._k.shape[2]:
-            size = max(end, min(self.max_len, -(-end // self.step) * self.step))
-            b, h, _, d = k.shape
-            new_k = np.zeros((b, h, size, d), np.float32)
-            new_v = np.zeros((b, h, size, v.shape[-1]), np.float32)
-            if self._k is not None and self.offset:
-                new_k[:, :, : self.offset] = self._k[:, :, : self.offset]
-                new_v[:, :, : self.offset] = self._v[:, :, : self.offset]
-            self._k, self._v = new_k, new_v
+        self._reserve(end, k, v, zeros=lambda shape, _dtype: np.zeros(shape, np.float32))
         self._k[:, :, self.offset : end] = k
         self._v[:, :, self.offset : end] = v
         self.offset = end

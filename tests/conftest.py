@@ -47,3 +47,13 @@ def english():
     if not ENGLISH.exists():
         pytest.fail(f"{ENGLISH} is missing: the integration tests need ../shared")
     return ENGLISH
+
+
+def assert_words_inside_segments(result) -> None:
+    """Each word lies inside its segment, and words start in order."""
+    previous = 0.0
+    for seg in result["segments"]:
+        for w in seg["words"]:
+            assert seg["start"] - 1e-6 <= w["start"] <= w["end"] <= seg["end"] + 1e-6
+            assert w["start"] >= previous - 1e-6
+            previous = w["start"]

@@ -11,6 +11,7 @@ import json
 import pytest
 
 import mlx_baldwhisper as mbw
+from conftest import assert_words_inside_segments
 from mlx_baldwhisper.convert import Surgery, convert, fixed_positions
 
 pytestmark = pytest.mark.slow
@@ -64,9 +65,4 @@ def test_merged_sheared_model_transcribes_with_word_timestamps(sheared, english)
     assert isinstance(r["text"], str) and r["text"].strip()
     words = [w for s in r["segments"] for w in s["words"]]
     assert words
-    previous = 0.0
-    for seg in r["segments"]:
-        for w in seg["words"]:
-            assert seg["start"] - 1e-6 <= w["start"] <= w["end"] <= seg["end"] + 1e-6
-            assert w["start"] >= previous - 1e-6
-            previous = w["start"]
+    assert_words_inside_segments(r)

@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 
 import mlx_baldwhisper as mbw
+from conftest import assert_words_inside_segments
 
 pytestmark = pytest.mark.slow
 CLIPS = ["jfk.flac", "1089-134686-0000.flac", "1089-134686-0001.flac",
@@ -46,12 +47,7 @@ def test_word_timestamps_on_jfk(base_model, english):
     assert [w["word"].strip(" ,.") for w in words][:5] == ["And", "so", "my", "fellow", "Americans"]
     americans = next(w for w in words if "Americans" in w["word"])
     assert 1.0 <= americans["start"] <= 2.5
-    previous = 0.0
-    for seg in r["segments"]:
-        for w in seg["words"]:
-            assert seg["start"] - 1e-6 <= w["start"] <= w["end"] <= seg["end"] + 1e-6
-            assert w["start"] >= previous - 1e-6
-            previous = w["start"]
+    assert_words_inside_segments(r)
 
 
 def test_long_file_is_transcribed_completely_in_order(base_model, english, reference, tmp_path):

@@ -70,16 +70,19 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @click.option("--student", default=None, help="A merged folder (default: merge the teacher).")
     @click.option("--alpha", default=0.1, show_default=True, type=float)
     @click.option("--beta", default=1.0, show_default=True, type=float)
+    @click.option("--merge-groups", default=None,
+                  help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: adjacent pairs).")
     @with_common
     @friendly
-    def recover_cmd(teacher, student, alpha, beta, train, dev, language, out, config_path, resume):
+    def recover_cmd(teacher, student, alpha, beta, merge_groups, train, dev, language, out,
+                    config_path, resume):
         """Distil the frozen teacher into a merged decoder: λ·CE + γ·KL, learnable temperature."""
         from ..load import load_model
         from .merge_search import merged_student
         from .recover import recover
 
         t = load_model(teacher)
-        s = load_model(student) if student else merged_student(t, alpha, beta)
+        s = load_model(student) if student else merged_student(t, alpha, beta, merge_groups)
         recover(s, t, _data(t, train, dev, language, out), _config(config_path).recover, Path(out),
                 resume=resume)
 

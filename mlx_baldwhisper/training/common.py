@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
+from .. import cpu_ops
 from ..decoding import tokenizer_for
 from ..evaluate import evaluate
 from ..model import Whisper
@@ -66,6 +67,14 @@ def decoder_input(model: Whisper, batch: dict) -> mx.array:
     if "features" in batch:
         return mx.array(batch["features"]).astype(model.dtype)
     return model.embed_audio(mx.array(batch["mel"]).astype(model.dtype))
+
+
+def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array) -> mx.array:
+    """The frozen teacher's logits. Never differentiated, so the numpy inference kernels
+    (``cpu_ops``) may serve its attention, GELU and vocabulary projection on Linux CPU."""
+    with cpu_ops.inference():
+        logits = teacher.decoder(inputs, features.astype(teacher.dtype))[0]
+    return mx.stop_gradient(logits)
 
 
 def ce_loss(model: Whisper, batch: dict) -> tuple[mx.array, dict[str, mx.array]]:

@@ -8,22 +8,57 @@ probabilities that the KL and CE terms depend on.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fast_losses
 
-def _masked_mean(values: mx.array, mask: mx.array) -> mx.array:
+
+def masked_mean(values: mx.array, mask: mx.array) -> mx.array:
     """Mean of ``values`` (B, T) over positions where ``mask`` is non-zero (0 if none)."""
     m = mask.astype(mx.float32)
     return (values * m).sum() / mx.maximum(m.sum(), 1.0)
 
 
+def _ce_rows_mlx(logits: mx.array, targets: mx.array) -> mx.array:
+    logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+    return -mx.take_along_axis(logp, targets.astype(mx.int32)[..., None], axis=-1)[..., 0]
+
+
+def _kl_rows_mlx(student_logits: mx.array, teacher_logits: mx.array, t: mx.array) -> mx.array:
+    log_pt = nn.log_softmax(mx.stop_gradient(teacher_logits.astype(mx.float32)) / t, axis=-1)
+    log_ps = nn.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
+    return (mx.exp(log_pt) * (log_pt - log_ps)).sum(axis=-1)
+
+
+def _as_temperature(temperature: mx.array | float) -> mx.array:
+    if isinstance(temperature, mx.array):
+        return temperature.astype(mx.float32)
+    return mx.array(temperature, dtype=mx.float32)
+
+
+def token_losses(logits: mx.array, targets: mx.array, teacher_logits: Optional[mx.array] = None,
+                 temperature: mx.array | float = 1.0) -> tuple[mx.array, Optional[mx.array]]:
+    """Per-token (CE, KL(teacher_T ‖ student_T) or None), shapes (B, T).
+
+    On Linux CPU both come from one numpy pass (``fast_losses``); elsewhere from MLX ops.
+    """
+    t = _as_temperature(temperature)
+    fast = fast_losses.usable(logits, targets, t) and (
+        teacher_logits is None or fast_losses.usable(teacher_logits))
+    if teacher_logits is None:
+        return (fast_losses.ce_rows(logits, targets) if fast else _ce_rows_mlx(logits, targets)), None
+    if fast:
+        teacher = mx.stop_gradient(teacher_logits.astype(mx.float32))
+        return fast_losses.ce_kl_rows(logits, targets, teacher, t)
+    return _ce_rows_mlx(logits, targets), _kl_rows_mlx(logits, teacher_logits, t)
+
+
 def cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     """Token-level CE, mean over masked tokens. logits (B, T, V), targets/mask (B, T)."""
-    logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
-    picked = mx.take_along_axis(logp, targets.astype(mx.int32)[..., None], axis=-1)[..., 0]
-    return _masked_mean(-picked, mask)
+    return masked_mean(token_losses(logits, targets)[0], mask)
 
 
 class LearnableTemperature(nn.Module):
@@ -67,13 +102,10 @@ def kl_distillation(
     scale independent of T. No gradient flows into the teacher logits; it does
     flow into ``temperature`` when that is a traced parameter.
     """
-    t = mx.array(temperature, dtype=mx.float32) if not isinstance(temperature, mx.array) \
-        else temperature.astype(mx.float32)
-    teacher = mx.stop_gradient(teacher_logits.astype(mx.float32))
-    log_pt = nn.log_softmax(teacher / t, axis=-1)
-    log_ps = nn.log_softmax(student_logits.astype(mx.float32) / t, axis=-1)
-    kl = (mx.exp(log_pt) * (log_pt - log_ps)).sum(axis=-1)
-    return _masked_mean(kl, mask) * (t * t)
+    t = _as_temperature(temperature)
+    kl = token_losses(student_logits, mx.zeros(student_logits.shape[:-1], mx.int32),
+                      teacher_logits, t)[1]
+    return masked_mean(kl, mask) * (t * t)
 
 
 def cosine_similarity(a: mx.array, b: mx.array, eps: float = 1e-8) -> mx.array:
@@ -108,8 +140,9 @@ def distillation_loss(
     kl_weight: float = 1.0,
 ) -> tuple[mx.array, dict[str, mx.array]]:
     """λ·CE(labels) + γ·T²·KL(teacher ‖ student); returns (loss, parts to log)."""
-    ce = cross_entropy(student_logits, targets, mask)
-    kl = kl_distillation(student_logits, teacher_logits, mask, temperature)
+    t = _as_temperature(temperature)
+    ce_rows, kl_rows = token_losses(student_logits, targets, teacher_logits, t)
+    ce, kl = masked_mean(ce_rows, mask), masked_mean(kl_rows, mask) * (t * t)
     loss = ce_weight * ce + kl_weight * kl
     t = temperature if isinstance(temperature, mx.array) else mx.array(temperature)
     return loss, {"ce": ce, "kl": kl, "temperature": mx.stop_gradient(t)}

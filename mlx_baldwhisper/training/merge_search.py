@@ -34,14 +34,17 @@ class MergeSearchConfig:
         train=TrainConfig(lr=1e-4, warmup_steps=5, max_steps=30, plot=False, progress=False)))
 
 
-def merged_student(teacher: Whisper, alpha: float, beta: float) -> Whisper:
-    student = build_model(apply_surgery(checkpoint_from_model(teacher),
-                                        Surgery(merge=True, alpha=alpha, beta=beta)))
+def merged_student(teacher: Whisper, alpha: float, beta: float,
+                   groups: Optional[str] = None) -> Whisper:
+    """``groups`` as in ``convert.py --merge-groups`` (None: the paper's adjacent pairs)."""
+    surgery = Surgery(merge=True, merge_groups=groups, alpha=alpha, beta=beta)
+    student = build_model(apply_surgery(checkpoint_from_model(teacher), surgery))
     student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
     return student
 
 
-def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path) -> dict:
+def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
+                 groups: Optional[str] = None) -> dict:
     """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``."""
     out.mkdir(parents=True, exist_ok=True)
     score = dev_evaluator(data, cfg.dev_limit)
@@ -49,7 +52,7 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
     with open(out / "trials.jsonl", "w") as log:
         for r in cfg.ratios:
             start = time.perf_counter()
-            student = merged_student(teacher, r, 1.0 - r)
+            student = merged_student(teacher, r, 1.0 - r, groups)
             rec = replace(cfg.recover, eval_limit=cfg.dev_limit)
             recover(student, teacher, data, rec, out / f"trial-r{r:g}", stage="merge-search",
                     fraction=cfg.train_fraction, evaluate=False)

@@ -39,6 +39,9 @@ class RecipeConfig:
     search: Optional[MergeSearchConfig] = field(default_factory=MergeSearchConfig)
     alpha: float = 0.1  # used when search is None
     beta: float = 1.0
+    # Which decoder layers merge (``convert.py --merge-groups`` syntax); None is the paper's
+    # adjacent pairs "0,1;2,3;4,5". The layer-removal baseline keeps as many layers.
+    merge_groups: Optional[str] = None
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     shear: ShearConfig = field(default_factory=ShearConfig)
     eval_batch_size: int = 16
@@ -131,19 +134,19 @@ class Recipe:
         if cfg.search is not None:
             if "search" not in self.results:
                 t0 = time.perf_counter()
-                found = merge_search(teacher, data, cfg.search, out / "search")
+                found = merge_search(teacher, data, cfg.search, out / "search", cfg.merge_groups)
                 found["seconds"] = round(time.perf_counter() - t0, 1)
                 self.results["search"] = found
                 write_json(self.results_path, self.results)
             alpha, beta = self.results["search"]["alpha"], self.results["search"]["beta"]
 
         def merged():
-            student = merged_student(teacher, alpha, beta)
+            student = merged_student(teacher, alpha, beta, cfg.merge_groups)
             return student, recover(student, teacher, data, cfg.recover, out / "merged", resume=self.resume)
 
         def removed():
             student = build_model(apply_surgery(checkpoint_from_model(teacher),
-                                                Surgery(drop=teacher.dims.n_text_layer // 2)))
+                                                Surgery(drop=merged_model.dims.n_text_layer)))
             student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
             return student, recover(student, teacher, data, cfg.recover, out / "removed",
                                     stage="recover-removed", resume=self.resume)

@@ -15,7 +15,7 @@ from typing import Optional
 import mlx.core as mx
 
 from ..model import Whisper
-from .common import StageData, decoder_input, dev_evaluator, model_saver
+from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
 from .losses import LearnableTemperature, distillation_loss
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -36,9 +36,8 @@ def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weig
     def loss_fn(student, batch):
         feats = decoder_input(student, batch)
         inputs = mx.array(batch["inputs"])
-        teacher_logits = mx.stop_gradient(teacher.decoder(inputs, feats.astype(teacher.dtype))[0])
         logits = student.decoder(inputs, feats)[0]
-        return distillation_loss(logits, teacher_logits, mx.array(batch["targets"]),
+        return distillation_loss(logits, teacher_logits(teacher, inputs, feats), mx.array(batch["targets"]),
                                  mx.array(batch["mask"]), temperature(), ce_weight, kl_weight)
     return loss_fn
 

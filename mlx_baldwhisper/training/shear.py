@@ -17,8 +17,8 @@ from typing import Optional
 import mlx.core as mx
 
 from ..model import Whisper
-from .common import StageData, decoder_input, dev_evaluator, model_saver
-from .losses import LearnableTemperature, cross_entropy, feature_distance, kl_distillation
+from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
+from .losses import LearnableTemperature, feature_distance, masked_mean, token_losses
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -45,17 +45,18 @@ def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: Shea
         emb = student.decoder.token_embedding
         hidden = student.decoder(inputs, feats, return_hidden=True)[0]
         logits = emb.as_linear(hidden)
-        ce = cross_entropy(logits, mx.array(batch["targets"]), mask)
+        t = temperature()
+        ce_rows, kl_rows = token_losses(logits, mx.array(batch["targets"]),
+                                        teacher_logits(teacher, inputs, feats) if cfg.kl_weight else None, t)
+        ce = masked_mean(ce_rows, mask)
         feat_in = feature_distance(emb(inputs), E_t[inputs])
         feat_out = feature_distance(logits, hidden @ E_t.T)
         loss = cfg.ce_weight * ce + cfg.input_feature_weight * feat_in + cfg.output_feature_weight * feat_out
         logs = {"ce": ce, "feat_in": feat_in, "feat_out": feat_out}
-        if cfg.kl_weight:
-            teacher_logits = mx.stop_gradient(teacher.decoder(inputs, feats.astype(teacher.dtype))[0])
-            t = temperature()
-            kl = kl_distillation(logits, teacher_logits, mask, t)
+        if kl_rows is not None:
+            kl = masked_mean(kl_rows, mask) * (t * t)
             loss = loss + cfg.kl_weight * kl
-            logs.update(kl=kl, temperature=t)
+            logs.update(kl=kl, temperature=mx.stop_gradient(t))
         return loss, logs
     return loss_fn
 

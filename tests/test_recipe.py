@@ -76,3 +76,22 @@ def test_language_without_token_maps_to_an_existing_one(corpus):
     assert "final" in results["stages"]
     final = json.loads((out / "final" / "config.json").read_text())
     assert final["language_tokens"] == {"bm": "ha"}
+
+
+def test_stages_run_as_separate_processes_share_one_result(corpus):
+    """``--stages`` splits the recipe (e.g. the removal baseline on the other core); the
+    pieces land in one results.json, and a stage whose input is missing says which."""
+    cfg = RecipeConfig.from_dict(tiny_config(str(corpus / "start")))
+    cfg.search, cfg.merge_groups = None, "0;1,2,3"  # the tiny decoder: 4 layers -> 2
+    train, dev, out = str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(corpus / "split")
+    with pytest.raises(ValueError, match="stage 'teacher' is needed"):
+        Recipe(train, dev, out, cfg, stages=("removed",)).run()
+    Recipe(train, dev, out, cfg, stages=("untuned", "teacher")).run()
+    Recipe(train, dev, out, cfg, stages=("removed",)).run()
+    results = Recipe(train, dev, out, cfg, stages=("merged", "final")).run()
+    assert set(results["stages"]) == {"untuned", "teacher", "merged", "removed", "final"}
+    for name in ("merged", "removed"):
+        assert json.loads((corpus / "split" / name / "config.json").read_text())["n_text_layer"] == 2
+    assert "| removed |" in (corpus / "split" / "results.md").read_text()
+    with pytest.raises(ValueError, match="unknown stage"):
+        Recipe(train, dev, out, cfg, stages=("bogus",))

@@ -134,14 +134,19 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @click.option("--config", "config_path", default=None, help="JSON config (see RecipeConfig).")
     @click.option("--language-token", default=None,
                   help="For a language Whisper lacks: the existing language token to use (e.g. ha).")
+    @click.option("--stages", default=None,
+                  help="Comma-separated subset of untuned,teacher,search,merged,removed,final "
+                       "(default: all). Needed earlier stages are loaded from --out, so "
+                       "independent stages can run in parallel processes.")
     @friendly
-    def recipe_cmd(train, dev, language, out, config_path, language_token):
+    def recipe_cmd(train, dev, language, out, config_path, language_token, stages):
         """Fine-tune → merge-search → recover → removed baseline → shear → evaluate."""
         from .recipe import Recipe
 
         cfg = _config(config_path)
         cfg.language = language
         cfg.language_token = language_token or cfg.language_token
-        results = Recipe(train, dev, out, cfg).run()
+        chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else None
+        results = Recipe(train, dev, out, cfg, stages=chosen).run()
         click.echo((Path(out) / "results.md").read_text())
         return results

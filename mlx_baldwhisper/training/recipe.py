@@ -90,12 +90,39 @@ def _params(model: Whisper) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
+STAGES = ("untuned", "teacher", "search", "merged", "removed", "final")
+
+
 class Recipe:
-    def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True):
+    """``stages`` limits what this process runs; a stage that is not selected but is needed
+    (the teacher, the merged model) is loaded from ``out``. Stages that do not depend on
+    each other (``removed`` vs ``merged``/``final``, ``untuned`` vs ``teacher``) can so run
+    as separate processes, one per core, writing into the same results."""
+
+    def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True,
+                 stages: Optional[tuple[str, ...]] = None):
+        unknown = set(stages or ()) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; "
+                             f"choose from {', '.join(STAGES)}")
         self.train, self.dev, self.out, self.cfg, self.resume = train, dev, Path(out), cfg, resume
+        self.stages = tuple(stages or STAGES)
         self.results_path = self.out / "results.json"
-        self.results: dict[str, Any] = (json.loads(self.results_path.read_text())
-                                        if self.results_path.exists() else {"stages": {}})
+        self.results: dict[str, Any] = {"stages": {}}
+        self._reload()
+
+    def _reload(self) -> None:
+        """Take in what other processes recorded; this process's own records win."""
+        if self.results_path.exists():
+            disk = json.loads(self.results_path.read_text())
+            mine = self.results.get("stages", {})
+            disk.setdefault("stages", {}).update(mine)
+            disk.update({k: v for k, v in self.results.items() if k != "stages"})
+            self.results = disk
+
+    def _save_results(self) -> None:
+        self._reload()
+        write_json(self.results_path, self.results)
 
     def _record(self, name: str, model: Whisper, seconds: float, data: StageData, **extra) -> None:
         options = DecodingOptions(without_timestamps=True, temperature=0.0,
@@ -106,7 +133,7 @@ class Recipe:
         self.results["stages"][name] = {"wer": r["wer"], "cer": r["cer"], "n": r["n"],
                                         "params": _params(model), "train_seconds": round(seconds, 1),
                                         "eval_seconds": round(r["seconds"], 1), **extra}
-        write_json(self.results_path, self.results)
+        self._save_results()
         print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
 
     def _done(self, name: str) -> bool:
@@ -117,7 +144,8 @@ class Recipe:
     def run(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"train": self.train, "dev": self.dev, **cfg.to_dict()})
+        if not (out / "config.json").exists() or self.stages == STAGES:
+            write_json(out / "config.json", {"train": self.train, "dev": self.dev, **cfg.to_dict()})
         base = load_model(cfg.model)
         if cfg.language_token:
             base.extra_config["language_tokens"] = {cfg.language: cfg.language_token}
@@ -125,19 +153,25 @@ class Recipe:
         data = load_data(base, self.train, self.dev, cfg.language, str(out / "cache"))
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
-        if not self._done("untuned"):
+        if "untuned" in self.stages and not self._done("untuned"):
             self._record("untuned", base, 0.0, data)
+        if self.stages == ("untuned",):
+            self._summarise()
+            return self.results
 
         teacher = self._stage("teacher", data, lambda: (base, finetune(base, data, cfg.finetune, out / "teacher",
                                                                        resume=self.resume)))
         alpha, beta = cfg.alpha, cfg.beta
-        if cfg.search is not None:
+        wanted = set(self.stages)
+        if cfg.search is not None and wanted & {"search", "merged", "final"}:
+            self._reload()
             if "search" not in self.results:
+                self._require("search")
                 t0 = time.perf_counter()
                 found = merge_search(teacher, data, cfg.search, out / "search", cfg.merge_groups)
                 found["seconds"] = round(time.perf_counter() - t0, 1)
                 self.results["search"] = found
-                write_json(self.results_path, self.results)
+                self._save_results()
             alpha, beta = self.results["search"]["alpha"], self.results["search"]["beta"]
 
         def merged():
@@ -145,14 +179,16 @@ class Recipe:
             return student, recover(student, teacher, data, cfg.recover, out / "merged", resume=self.resume)
 
         def removed():
-            student = build_model(apply_surgery(checkpoint_from_model(teacher),
-                                                Surgery(drop=merged_model.dims.n_text_layer)))
+            keep = len(_merge_groups(teacher, cfg.merge_groups))  # as many layers as merged
+            student = build_model(apply_surgery(checkpoint_from_model(teacher), Surgery(drop=keep)))
             student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
             return student, recover(student, teacher, data, cfg.recover, out / "removed",
                                     stage="recover-removed", resume=self.resume)
 
-        merged_model = self._stage("merged", data, merged, alpha=alpha, beta=beta)
-        self._stage("removed", data, removed)
+        if wanted & {"merged", "final"}:
+            merged_model = self._stage("merged", data, merged, alpha=alpha, beta=beta)
+        if "removed" in wanted:
+            self._stage("removed", data, removed)
 
         def final():
             ckpt = apply_surgery(checkpoint_from_model(merged_model), Surgery(rank=cfg.shear.rank))
@@ -160,14 +196,22 @@ class Recipe:
             student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
             return student, shear(student, teacher, data, cfg.shear, out / "final", resume=self.resume)
 
-        self._stage("final", data, final, rank=cfg.shear.rank)
+        if "final" in wanted:
+            self._stage("final", data, final, rank=cfg.shear.rank)
         self._summarise()
         return self.results
 
+    def _require(self, name: str) -> None:
+        if name not in self.stages:
+            raise ValueError(f"stage {name!r} is needed but not selected and not found in {self.out}; "
+                             f"run it first (--stages {name})")
+
     def _stage(self, name: str, data: StageData, run, **extra) -> Whisper:
+        self._reload()
         if self._done(name):
             print(f"[{name}] already done: {self.out / name}")
             return load_model(str(self.out / name))
+        self._require(name)
         t0 = time.perf_counter()
         _, result = run()
         seconds = time.perf_counter() - t0
@@ -182,8 +226,17 @@ class Recipe:
         teacher, final = s.get("teacher"), s.get("final")
         if teacher and final and final["wer"] > 0:
             self.results["wer_teacher_over_final"] = teacher["wer"] / final["wer"]
-        write_json(self.results_path, self.results)
+        self._save_results()
         (self.out / "results.md").write_text(results_table(self.results))
+
+
+def _merge_groups(model: Whisper, groups: Optional[str]) -> list[list[int]]:
+    from ..merge import adjacent_pairs, parse_groups
+
+    n = model.dims.n_text_layer
+    chosen = parse_groups(groups) if groups else adjacent_pairs(n)
+    merged = {i for g in chosen for i in g}
+    return chosen + [[i] for i in range(n) if i not in merged]
 
 
 def results_table(results: dict[str, Any]) -> str:

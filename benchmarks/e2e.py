@@ -6,7 +6,7 @@
 Audio: the 5 shared English clips (``../shared/data/english``), each transcribed as its
 own call, and one long file (the clips joined with 1 s of silence, twice: > 60 s).
 Every engine gets the same 16 kHz float32 arrays (file decoding is not timed), greedy
-decoding at temperature 0 with no fallback, ``language="en"``,
+decoding at temperature 0 with no fallback, ``language="en"`` (``--language``),
 ``condition_on_previous_text=True``. Model loading and one warm-up call are not timed;
 each figure is the best of ``--repeats`` runs.
 
@@ -46,12 +46,18 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "english"
 
 # ---- audio -----------------------------------------------------------------------------
 
-def load_clips(folder: Path) -> dict[str, np.ndarray]:
+def load_clips(folder: Path, limit: Optional[int] = None) -> dict[str, np.ndarray]:
+    """The .flac files of a folder, or the first ``limit`` clips of a manifest (TSV/CSV/JSONL)."""
     from mlx_baldwhisper.audio import load_audio
 
-    files = sorted(folder.glob("*.flac"))
+    if folder.is_file():
+        from mlx_baldwhisper.training.data import read_manifest
+
+        files = [Path(x.audio) for x in read_manifest(str(folder))][:limit]
+    else:
+        files = sorted(folder.glob("*.flac"))[:limit]
     if not files:
-        raise click.ClickException(f"no .flac clips in {folder}")
+        raise click.ClickException(f"no clips in {folder}")
     return {f.name: np.asarray(load_audio(str(f)), dtype=np.float32) for f in files}
 
 
@@ -70,14 +76,15 @@ def _text_tokens_from_segments(segments) -> list[int]:
     return [int(t) for s in segments for t in s["tokens"]]
 
 
-def ours(model_path: Optional[str], dtype: str = "float32", batch: bool = False):
+def ours(model_path: Optional[str], dtype: str = "float32", batch: bool = False,
+         language: str = "en"):
     from mlx_baldwhisper import load_model, transcribe
 
     model = load_model(model_path, dtype=dtype)
 
     def run(audio):
         items = audio if isinstance(audio, list) else [audio]
-        results = transcribe(items, path_or_hf_repo=model, temperature=0.0, language="en",
+        results = transcribe(items, path_or_hf_repo=model, temperature=0.0, language=language,
                              condition_on_previous_text=True, batch_size=8 if batch else 1)
         out = [{"text": r["text"], "tokens": _text_tokens_from_segments(r["segments"])}
                for r in results]
@@ -103,7 +110,7 @@ def mlx_whisper_folder(tmp: Path) -> Path:
     return folder
 
 
-def mlx_whisper_engine(tmp: Path):
+def mlx_whisper_engine(tmp: Path, language: str = "en"):
     import mlx.core as mx
     import mlx_whisper
     from mlx_whisper.transcribe import ModelHolder
@@ -112,7 +119,7 @@ def mlx_whisper_engine(tmp: Path):
     ModelHolder.get_model(folder, mx.float32)  # load once, outside the timing
 
     def run(audio):
-        r = mlx_whisper.transcribe(audio, path_or_hf_repo=folder, temperature=0.0, language="en",
+        r = mlx_whisper.transcribe(audio, path_or_hf_repo=folder, temperature=0.0, language=language,
                                    condition_on_previous_text=True, fp16=False)
         return {"text": r["text"], "tokens": _text_tokens_from_segments(r["segments"])}
 
@@ -137,14 +144,14 @@ def faster_whisper_folder(tmp: Path) -> Path:
     return folder
 
 
-def faster_whisper_engine(tmp: Path, threads: int = 0):
+def faster_whisper_engine(tmp: Path, threads: int = 0, language: str = "en"):
     from faster_whisper import WhisperModel
 
     model = WhisperModel(str(faster_whisper_folder(tmp)), device="cpu", compute_type="float32",
                          cpu_threads=threads)
 
     def run(audio):
-        segments, _ = model.transcribe(audio, beam_size=1, temperature=0.0, language="en",
+        segments, _ = model.transcribe(audio, beam_size=1, temperature=0.0, language=language,
                                        condition_on_previous_text=True, vad_filter=False)
         segs = list(segments)
         return {"text": "".join(s.text for s in segs),
@@ -207,7 +214,10 @@ def machine() -> dict[str, Any]:
 @click.command()
 @click.option("--model", "models", multiple=True,
               help="NAME=PATH of one of our models (repeatable; PATH 'base' = embedded). Default: base.")
-@click.option("--clips", "clips_dir", default=str(SHARED), show_default=True)
+@click.option("--clips", "clips_dir", default=str(SHARED), show_default=True,
+              help="A folder of .flac clips, or a manifest (TSV/CSV/JSONL) of any audio.")
+@click.option("--limit", default=None, type=int, help="Use only the first N clips.")
+@click.option("--language", default="en", show_default=True, help="Language for every engine.")
 @click.option("--repeats", default=2, show_default=True)
 @click.option("--peers/--no-peers", default=True, help="Also run mlx-whisper and faster-whisper.")
 @click.option("--fw-threads", default="0,1", show_default=True,
@@ -219,8 +229,9 @@ def machine() -> dict[str, Any]:
 @click.option("--peers-first", is_flag=True,
               help="Run the peers before our models (to see the effect of a changing load).")
 @click.option("--json", "json_path", default=None, help="Also write the JSON here.")
-def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, peers_first, json_path):
-    clips = load_clips(Path(clips_dir))
+def main(models, clips_dir, limit, language, repeats, peers, fw_threads, dtype, batched, peers_first,
+         json_path):
+    clips = load_clips(Path(clips_dir), limit)
     long = long_file(clips)
     clips_audio_s = sum(len(a) for a in clips.values()) / SR
     long_audio_s = len(long) / SR
@@ -231,16 +242,16 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, peers_fi
     suffix = "" if dtype == "float32" else f" {dtype}"
     for name, path in specs:
         p = None if path == "base" else path
-        engines.append((f"ours {name}{suffix}", lambda p=p: ours(p, dtype), False))
+        engines.append((f"ours {name}{suffix}", lambda p=p: ours(p, dtype, language=language), False))
     if batched and "base" in [n for n, _ in specs]:
-        engines.append((f"ours base{suffix}, 5 clips as one batch",
-                        lambda: ours(None, dtype, batch=True), True))
+        engines.append((f"ours base{suffix}, clips as one batch",
+                        lambda: ours(None, dtype, batch=True, language=language), True))
     tmp = Path(tempfile.mkdtemp(prefix="mlxbw-e2e-"))
     notes = []
     if peers:
         try:
             import mlx_whisper  # noqa: F401
-            engines.append(("mlx-whisper 0.4.3 base", lambda: mlx_whisper_engine(tmp), False))
+            engines.append(("mlx-whisper 0.4.3 base", lambda: mlx_whisper_engine(tmp, language), False))
         except ImportError:
             notes.append("mlx-whisper not installed: skipped (pip install mlx-whisper==0.4.3)")
         try:
@@ -248,7 +259,7 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, peers_fi
             for th in [int(t) for t in fw_threads.split(",") if t.strip()]:
                 label = "default threads" if th == 0 else f"{th} thread" + ("s" if th > 1 else "")
                 engines.append((f"faster-whisper 1.2.1 base ({label})",
-                                lambda th=th: faster_whisper_engine(tmp, th), False))
+                                lambda th=th: faster_whisper_engine(tmp, th, language), False))
         except ImportError:
             notes.append("faster-whisper not installed: skipped (pip install faster-whisper==1.2.1)")
     if peers_first:
@@ -292,7 +303,7 @@ def main(models, clips_dir, repeats, peers, fw_threads, dtype, batched, peers_fi
         return "n/a" if v is None else ("yes" if v else "**no**")
 
     lines = [f"Audio: {len(clips)} clips, {clips_audio_s:.1f} s in all; long file {long_audio_s:.1f} s.",
-             "", "| engine | 5 clips (s) | RTF | long file (s) | RTF | vs ours base (clips / long) "
+             "", "| engine | clips (s) | RTF | long file (s) | RTF | vs ours base (clips / long) "
              "| tokens out (clips / long) | greedy tokens = ours base | = faster-whisper reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -166,3 +166,41 @@ def ensure_fast_blas() -> str:
             log.warning("BLAS: setup failed (%s); using the slow reference BLAS", e)
             _result = "reference"
     return _result
+
+
+def set_threads(n: int) -> Optional[int]:
+    """Set the loaded OpenBLAS's thread count (process-wide); returns the previous count,
+    or None when no OpenBLAS of ours is loaded (macOS, MKL, reference BLAS)."""
+    for lib in _handles:
+        if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads"):
+            prev = int(lib.openblas_get_num_threads())
+            lib.openblas_set_num_threads(int(n))
+            return prev
+    return None
+
+
+@contextlib.contextmanager
+def threads(n: Optional[int]) -> Iterator[None]:
+    """Run a block of large GEMMs (the encoder) on ``n`` BLAS threads, then restore.
+
+    Decoding steps stay single-threaded (their small GEMMs stall beside MLX's thread);
+    the encoder's 1500-row GEMMs split well across cores.
+    """
+    prev = set_threads(n) if n and n > 0 else None
+    try:
+        yield
+    finally:
+        if prev is not None:
+            set_threads(prev)
+
+
+def encoder_threads() -> Optional[int]:
+    """BLAS threads for the encoder: ``MLX_BALDWHISPER_ENCODER_THREADS``, else the user's
+    OPENBLAS_NUM_THREADS-style setting stands (None), else up to 2 cores (measured best
+    on a 2-core machine; see benchmarks/RESULTS.md)."""
+    env = os.environ.get("MLX_BALDWHISPER_ENCODER_THREADS", "").strip()
+    if env:
+        return int(env)
+    if any(v in os.environ for v in _THREAD_VARS):
+        return None
+    return min(os.cpu_count() or 1, 2)

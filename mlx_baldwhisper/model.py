@@ -15,7 +15,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import cpu_decode, cpu_ops
+from . import _blas, cpu_decode, cpu_ops
 from .kv_cache import KVCache
 from .lowrank import LowRankEmbedding
 
@@ -293,9 +293,15 @@ class Whisper(nn.Module):
 
     def embed_audio(self, mel: mx.array) -> mx.array:
         """Encoder output for inference: on Linux CPU the softmax and GELU run in numpy
-        (see cpu_ops; gradients through it remain exact)."""
-        with cpu_ops.inference():
-            return self.encoder(mel)
+        (see cpu_ops; gradients through it remain exact) and its GEMMs use several BLAS
+        threads (``_blas.threads``), evaluated before the decoder's single-threaded steps."""
+        with cpu_ops.inference(), _blas.threads(_blas.encoder_threads()):
+            out = self.encoder(mel)
+            try:
+                mx.eval(out)
+            except cpu_ops._TRANSFORM_ERRORS:  # inside mx.compile/vmap: stays lazy
+                pass
+        return out
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         return self.decoder(tokens, audio_features)[0]

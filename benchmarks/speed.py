@@ -96,14 +96,17 @@ def measure(model, batch: int, tokens: int, repeats: int = 1,
 @click.option("--encoder-windows", default=None, type=int,
               help="Distinct windows to encode (default: the batch), repeated up to the batch; "
                    "0 = random features, no encoder timing.")
+@click.option("--packed", is_flag=True,
+              help="Keep a quantized model's packed weights (MLX quantized kernels) instead of "
+                   "the Linux CPU default of unpacking them at load.")
 @click.option("--json", "as_json", is_flag=True, help="Only the JSON line.")
-def main(model_path, batch, tokens, repeats, dtype, encoder_windows, as_json):
+def main(model_path, batch, tokens, repeats, dtype, encoder_windows, packed, as_json):
     import mlx.core as mx
 
     import mlx_baldwhisper
     from mlx_baldwhisper import load_model
 
-    model = load_model(model_path, dtype=dtype)
+    model = load_model(model_path, dtype=dtype, dequantize=False if packed else None)
     try:
         from mlx_baldwhisper import cpu_ops
         ops = "numpy" if cpu_ops.enabled() else "mlx"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,7 @@ import numpy as np
 from .model import Whisper
 from .weights import Checkpoint, ModelLoadError, embedded, read_checkpoint
 
+log = logging.getLogger("mlx_baldwhisper")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -53,10 +55,46 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
     return model
 
 
+def dequantize_checkpoint(ckpt: Checkpoint) -> Checkpoint:
+    """Unpack every quantized layer to float32 (the config keeps what it was, under
+    ``dequantized_from``). The folder stays small on disk; in memory the model is float."""
+    quant = ckpt.extra.get("quantization")
+    if not quant:
+        return ckpt
+    from .quantize import group_size_of
+
+    weights = dict(ckpt.weights)
+    for name in [k[: -len(".scales")] for k in ckpt.weights if k.endswith(".scales")]:
+        w, scales, biases = (mx.array(np.asarray(weights.pop(f"{name}.{p}")))
+                             for p in ("weight", "scales", "biases"))
+        gs = group_size_of(ckpt.weights, name, quant["bits"])
+        weights[f"{name}.weight"] = np.array(mx.dequantize(w, scales, biases, gs, quant["bits"]))
+    extra = {k: v for k, v in ckpt.extra.items() if k != "quantization"}
+    extra["dequantized_from"] = quant
+    return Checkpoint(ckpt.dims, weights, ckpt.source, ckpt.alignment_heads, ckpt.tokenizer_dir, extra)
+
+
+def dequantize_by_default() -> bool:
+    """On Linux CPU, MLX's quantized matmuls run 25-30x slower than float32 (measured,
+    benchmarks/RESULTS.md), so quantized folders are unpacked at load there."""
+    from . import cpu_ops
+
+    return cpu_ops.enabled()
+
+
 def load_model(path_or_name: str | os.PathLike | None = None,
-               dtype: str | mx.Dtype = "float32") -> Whisper:
-    """Load whisper-base (default, embedded), ``tiny.en``, a folder, a ``.pt`` or a hub id."""
-    return build_model(read_checkpoint(path_or_name), dtype)
+               dtype: str | mx.Dtype = "float32", dequantize: Optional[bool] = None) -> Whisper:
+    """Load whisper-base (default, embedded), ``tiny.en``, a folder, a ``.pt`` or a hub id.
+
+    ``dequantize``: unpack a quantized folder to float at load (default: only on Linux CPU).
+    """
+    ckpt = read_checkpoint(path_or_name)
+    if ckpt.extra.get("quantization") and (dequantize_by_default() if dequantize is None else dequantize):
+        log.info("%d-bit weights unpacked to float at load (MLX's CPU quantized kernels are "
+                 "slow on Linux; load_model(..., dequantize=False) keeps them packed)",
+                 ckpt.extra["quantization"]["bits"])
+        ckpt = dequantize_checkpoint(ckpt)
+    return build_model(ckpt, dtype)
 
 
 def checkpoint_from_model(model: Whisper) -> Checkpoint:

@@ -225,8 +225,14 @@ def test_quantized_compressed_folder_round_trips(bits, tmp_path, wide_folder):
     assert cfg["surgery"]["decoder_merge"]["groups"] == [[0, 1], [2, 3]]
     assert cfg["surgery"]["embedding"]["rank"] == 32 and cfg["embedding_rank"] == 32
     assert cfg["n_text_layer"] == 2
-    reloaded = load_model(str(out))
+    reloaded = load_model(str(out), dequantize=False)
     np.testing.assert_allclose(logits(reloaded), logits(model), atol=1e-4)
+    # unpacked at load (the Linux CPU default): float weights, same logits
+    unpacked = load_model(str(out), dequantize=True)
+    np.testing.assert_allclose(logits(unpacked), logits(reloaded), atol=1e-4)
+    assert not any(k.endswith(".scales") for k, _ in tree_flatten(unpacked.parameters()))
+    assert unpacked.extra_config["dequantized_from"]["bits"] == bits
+    assert "quantization" not in unpacked.extra_config
     names = dict(tree_flatten(reloaded.parameters()))
     # rank 32 is not a multiple of 64: factor A falls back to groups of 32 but is quantized
     assert "decoder.token_embedding.A.scales" in names

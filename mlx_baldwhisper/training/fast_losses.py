@@ -45,32 +45,38 @@ def _kl_parts(z: np.ndarray, zt: np.ndarray, t: float):
     return log_ps, pt, gap, (pt * gap).sum(axis=-1)
 
 
+def _targets(targets: mx.array) -> np.ndarray:
+    return cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
+
+
+def _ce_grad(rows: np.ndarray, targets: np.ndarray, cotangent: mx.array) -> np.ndarray:
+    """cotangent · (softmax(z) − onehot(target)), row by row."""
+    dce = cpu_ops._host(cotangent).reshape(-1, 1)
+    g = np.exp(_log_softmax(rows))
+    g *= dce
+    g[np.arange(len(rows)), targets] -= dce[:, 0]
+    return g
+
+
 @mx.custom_function
 def ce_rows(z: mx.array, targets: mx.array) -> mx.array:
     """-log softmax(z)[target] per row; z (..., V), targets (...)."""
-    tg = cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
-    return mx.array(_ce_rows(_rows(z), tg).reshape(targets.shape))
+    return mx.array(_ce_rows(_rows(z), _targets(targets)).reshape(targets.shape))
 
 
 @ce_rows.vjp
 def _ce_rows_vjp(primals, cotangent, output):
     z, targets = primals
-    rows = _rows(z)
-    tg = cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
-    dce = cpu_ops._host(cotangent).reshape(-1, 1)
-    g = np.exp(_log_softmax(rows))
-    g *= dce
-    g[np.arange(len(rows)), tg] -= dce[:, 0]
+    g = _ce_grad(_rows(z), _targets(targets), cotangent)
     return mx.array(g.reshape(z.shape)).astype(z.dtype), mx.zeros_like(targets)
 
 
 @mx.custom_function
 def ce_kl_rows(z: mx.array, targets: mx.array, zt: mx.array, t: mx.array):
     """(CE per row, KL(pt ‖ ps) per row at temperature t), without the T² factor."""
-    tg = cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
     rows, trows = _rows(z), _rows(zt)
     kl = _kl_parts(rows, trows, float(t.item()))[3]
-    return (mx.array(_ce_rows(rows, tg).reshape(targets.shape)),
+    return (mx.array(_ce_rows(rows, _targets(targets)).reshape(targets.shape)),
             mx.array(kl.reshape(targets.shape)))
 
 
@@ -79,12 +85,8 @@ def _ce_kl_rows_vjp(primals, cotangents, outputs):
     z, targets, zt, t = primals
     temp = float(t.item())
     rows, trows = _rows(z), _rows(zt)
-    tg = cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
-    dce = cpu_ops._host(cotangents[0]).reshape(-1, 1)
+    g = _ce_grad(rows, _targets(targets), cotangents[0])
     dkl = cpu_ops._host(cotangents[1]).reshape(-1, 1)
-    g = np.exp(_log_softmax(rows))
-    g *= dce
-    g[np.arange(len(rows)), tg] -= dce[:, 0]
     log_ps, pt, gap, kl = _kl_parts(rows, trows, temp)
     diff = np.exp(log_ps) - pt
     g += diff * (dkl / temp)

@@ -60,9 +60,10 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         from ..load import load_model
         from .merge_search import MergeSearchConfig, merge_search
 
-        cfg = _config(config_path).search or MergeSearchConfig()
+        recipe = _config(config_path)
         t = load_model(teacher)
-        found = merge_search(t, _data(t, train, dev, language, out), cfg, Path(out))
+        found = merge_search(t, _data(t, train, dev, language, out), recipe.search or MergeSearchConfig(),
+                             Path(out), recipe.merge_groups)
         click.echo(f"best alpha={found['alpha']:g} beta={found['beta']:g}")
 
     @main.command("recover")

@@ -132,3 +132,20 @@ def test_non_linux_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(blas)
     monkeypatch.setattr(sys, "platform", "darwin")
     assert blas.ensure_fast_blas() == "system"
+
+
+def test_encoder_thread_block_sets_and_restores_the_count() -> None:
+    """``_blas.threads(n)`` raises OpenBLAS's thread count for the encoder and puts it back."""
+    code = ("import mlx_baldwhisper\nfrom mlx_baldwhisper import _blas\n"
+            "before = _blas.set_threads(1)\n"
+            "if before is None:\n    print('none none none')\nelse:\n"
+            "    with _blas.threads(2):\n        inside = _blas.set_threads(2)\n"
+            "    after = _blas.set_threads(1)\n    print(before, inside, after)\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before, inside, after = p.stdout.split()[-3:]
+    if before != "none":  # an OpenBLAS of ours is loaded: one thread by default
+        assert (before, inside, after) == ("1", "2", "1")

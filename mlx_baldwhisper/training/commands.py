@@ -113,15 +113,20 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @click.option("--limit", default=None, type=int)
     @click.option("--batch-size", default=16, show_default=True)
     @click.option("--output", default=None, help="Write per-utterance hypotheses (.tsv/.json).")
+    @click.option("--sample-len", default=None, type=int,
+                  help="Cap on generated tokens per clip (default: Whisper's 224), as the recipe's "
+                       "eval_sample_len.")
     @friendly
-    def evaluate_cmd(model, manifest, language, limit, batch_size, output):
+    def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding."""
+        from ..decoding import DecodingOptions
         from ..evaluate import evaluate, save_hypotheses
         from ..load import load_model
         from .data import read_manifest
 
+        options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
         r = evaluate(load_model(model), read_manifest(manifest, language=language), language=language,
-                     batch_size=batch_size, limit=limit)
+                     batch_size=batch_size, limit=limit, options=options)
         click.echo(f"WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%  ({r['n']} utterances, "
                    f"{len(r['skipped'])} skipped, {r['seconds']:.0f} s)")
         if output:

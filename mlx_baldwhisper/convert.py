@@ -31,6 +31,9 @@ class Surgery:
     merge_weights: Optional[str] = None
     drop: Optional[int] = None  # keep this many decoder layers (removal baseline)
     rank: Optional[int] = None
+    # Per-token weights for the factorisation (see lowrank.factorize); the shear stage
+    # passes token frequencies of the training text. None: plain truncated SVD.
+    token_weights: Optional[Any] = None
     quantize: bool = False
     q_bits: int = 4
     q_group_size: int = 64
@@ -108,8 +111,9 @@ def apply_surgery(ckpt: Checkpoint, s: Surgery) -> Checkpoint:
         ckpt = merge.apply_plan(ckpt, plan, "decoder")
         record["decoder_removal"] = {"kept": [g[0] for g in plan.groups], "source_layers": n}
     if s.rank is not None:
-        ckpt, err = lowrank.shear(ckpt, s.rank)
-        record["embedding"] = {"rank": s.rank, "relative_error": err}
+        ckpt, err = lowrank.shear(ckpt, s.rank, s.token_weights)
+        record["embedding"] = {"rank": s.rank, "relative_error": err,
+                               "init": "svd" if s.token_weights is None else "frequency-weighted svd"}
         s.report["relative_error"] = err
     if record:
         ckpt.extra["surgery"] = record

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from typing import Optional
 
 
 class LowRankEmbedding(nn.Module):
@@ -36,21 +37,34 @@ class LowRankEmbedding(nn.Module):
         return self.B.shape[0]
 
 
-def factorize(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+def factorize(E: np.ndarray, rank: int,
+              token_weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Truncated SVD of E with √S in both factors; returns (A, B, relative error).
 
     The SVD E = U S Vᵀ is taken through the small d×d Gram matrix EᵀE = V S² Vᵀ (ten
     times faster than a full SVD of the V×d matrix): B = √S_r V_rᵀ and
     A = E V_r S_r^(-1/2) = U_r √S_r, so A·B = E V_r V_rᵀ, which is exactly E at rank d.
+
+    ``token_weights`` (one per row, e.g. token frequencies in the training text) choose
+    the kept directions from the weighted Gram matrix Eᵀ·diag(w)·E instead: the r-dim
+    subspace that best preserves the rows that are actually used (a weighted least-squares
+    optimum), with S_i = ‖E v_i‖ still splitting the scale between the factors.
     """
     v, d = E.shape
     if not 1 <= rank <= d:
         raise ValueError(f"rank must be between 1 and the model width {d}, got {rank}")
     E64 = E.astype(np.float64)
-    eig, V = np.linalg.eigh(E64.T @ E64)  # ascending
+    if token_weights is None:
+        gram = E64.T @ E64
+    else:
+        w = np.asarray(token_weights, dtype=np.float64)
+        if w.shape != (v,) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"token_weights must be {v} non-negative numbers, not all zero")
+        gram = (E64 * w[:, None]).T @ E64
+    eig, V = np.linalg.eigh(gram)  # ascending
     order = np.argsort(eig)[::-1][:rank]
-    S = np.sqrt(np.maximum(eig[order], 0.0))
     Vr = V[:, order]
+    S = np.linalg.norm(E64 @ Vr, axis=0)
     root = np.sqrt(np.maximum(S, np.finfo(np.float64).tiny))
     A = (E64 @ Vr) / root[None, :]
     B = root[:, None] * Vr.T
@@ -58,7 +72,7 @@ def factorize(E: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
     return A.astype(np.float32), B.astype(np.float32), err
 
 
-def shear(ckpt, rank: int):
+def shear(ckpt, rank: int, token_weights: Optional[np.ndarray] = None):
     """A checkpoint whose tied embedding is replaced by its rank-``rank`` factors.
 
     Returns (new checkpoint, relative reconstruction error ‖E − AB‖/‖E‖).
@@ -69,7 +83,7 @@ def shear(ckpt, rank: int):
     if key not in ckpt.weights:
         raise ValueError("this model's embedding is already factored; shear the full model")
     E = np.asarray(ckpt.weights[key], dtype=np.float32)
-    A, B, err = factorize(E, rank)
+    A, B, err = factorize(E, rank, token_weights)
     weights = {k: v for k, v in ckpt.weights.items() if k != key}
     weights["decoder.token_embedding.A.weight"] = A
     weights["decoder.token_embedding.B"] = B

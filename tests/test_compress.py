@@ -278,3 +278,23 @@ def test_convert_cli_passes_every_option(tmp_path, wide_folder):
     bad = cli("--torch-name-or-path", wide_folder, "-q", "--q-bits", "3", "--q-group-size", "100",
               "--mlx-path", tmp_path / "bad")
     assert bad.returncode == 1 and "--q-group-size" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_frequency_weighted_factorisation_keeps_the_used_rows():
+    """Weighting the SVD by token frequency trades error on unused rows for the used ones."""
+    from mlx_baldwhisper.lowrank import factorize
+
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(400, 32)).astype(np.float32)
+    used = rng.choice(400, 12, replace=False)
+    w = np.full(400, 1e-4)
+    w[used] = 1.0
+
+    def err(A, B, rows):
+        return np.linalg.norm(E[rows] - (A @ B)[rows]) / np.linalg.norm(E[rows])
+
+    plain, weighted = factorize(E, 12), factorize(E, 12, w)
+    assert err(*weighted[:2], used) < 0.05 < err(*plain[:2], used)
+    assert weighted[2] > plain[2]  # the overall error is the plain SVD's optimum
+    with pytest.raises(ValueError, match="token_weights"):
+        factorize(E, 12, np.zeros(400))

@@ -94,17 +94,15 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @with_common
     @friendly
     def shear_cmd(teacher, student, rank, train, dev, language, out, config_path, resume):
-        """Low-rank embedding by SVD, then feature distillation against the teacher."""
-        from ..convert import Surgery, apply_surgery
-        from ..load import build_model, checkpoint_from_model, load_model
-        from .shear import shear
+        """Low-rank embedding by (frequency-weighted) SVD, then feature distillation against the teacher."""
+        from ..load import load_model
+        from .shear import shear, sheared_student
 
         cfg = _config(config_path).shear
         cfg.rank = rank or cfg.rank
         t, merged = load_model(teacher), load_model(student)
-        s = build_model(apply_surgery(checkpoint_from_model(merged), Surgery(rank=cfg.rank)))
-        s.tokenizer_dir, s.source = merged.tokenizer_dir, merged.source
-        shear(s, t, _data(t, train, dev, language, out), cfg, Path(out), resume=resume)
+        data = _data(t, train, dev, language, out)
+        shear(sheared_student(merged, data, cfg), t, data, cfg, Path(out), resume=resume)
 
     @main.command("evaluate")
     @click.option("--model", default=None)

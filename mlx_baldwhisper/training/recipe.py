@@ -25,7 +25,7 @@ from .common import StageData, load_data, write_json
 from .finetune import FinetuneConfig, finetune
 from .merge_search import MergeSearchConfig, merge_search, merged_student
 from .recover import RecoverConfig, recover
-from .shear import ShearConfig, shear
+from .shear import ShearConfig, shear, sheared_student
 from .trainer import TrainConfig
 
 
@@ -191,13 +191,11 @@ class Recipe:
             self._stage("removed", data, removed)
 
         def final():
-            ckpt = apply_surgery(checkpoint_from_model(merged_model), Surgery(rank=cfg.shear.rank))
-            student = build_model(ckpt)
-            student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
+            student = sheared_student(merged_model, data, cfg.shear)
             return student, shear(student, teacher, data, cfg.shear, out / "final", resume=self.resume)
 
         if "final" in wanted:
-            self._stage("final", data, final, rank=cfg.shear.rank)
+            self._stage("final", data, final, rank=cfg.shear.rank, init=cfg.shear.init)
         self._summarise()
         return self.results
 

@@ -1,6 +1,9 @@
 """BaldWhisper stage 2: distil the sheared (low-rank) tied embedding.
 
-The student's embedding E ≈ A·B starts from the truncated SVD (see ``lowrank.py``).
+The student's embedding E ≈ A·B starts from a truncated SVD (see ``lowrank.py``); by
+default one weighted by token frequency in the training text, which keeps the rows the
+language uses (measured on Hausa: teacher-forced dev CE right after factoring at rank 96
+was 2.0 nats, against 6.0 for the plain SVD and 1.06 for the unfactored model).
 Training adds, to the label CE (and optionally the teacher KL), two feature
 distances against the teacher's full embedding E_t:
   * input side:  E_t[tokens]  vs  A[tokens]·B
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 from ..model import Whisper
 from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
@@ -34,6 +38,37 @@ class ShearConfig:
     temperature: float = 2.0
     trainable: tuple[str, ...] = ("decoder.",)  # the factors A, B and the decoder layers
     eval_limit: Optional[int] = 100
+    # Initialisation of A·B: "svd" (the paper: plain truncated SVD) or "frequency" (SVD
+    # weighted by each token's frequency in the training transcripts, mixed with a
+    # uniform share ``uniform_mix`` so unseen tokens keep some weight).
+    init: str = "frequency"
+    uniform_mix: float = 0.1
+
+
+def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float) -> np.ndarray:
+    """Weights for :func:`lowrank.factorize`: how often each token is fed to the decoder in
+    the training set (prompt tokens included), as a distribution mixed with uniform."""
+    counts = np.zeros(n_vocab, dtype=np.float64)
+    for item in data.train:
+        np.add.at(counts, np.asarray(item.tokens, dtype=np.int64), 1.0)
+    if counts.sum() == 0:
+        return np.full(n_vocab, 1.0 / n_vocab)
+    return (1.0 - uniform_mix) * counts / counts.sum() + uniform_mix / n_vocab
+
+
+def sheared_student(merged: Whisper, data: StageData, cfg: ShearConfig) -> Whisper:
+    """The merged model with its embedding factored at ``cfg.rank`` (``cfg.init``)."""
+    from ..convert import Surgery, apply_surgery
+    from ..load import build_model, checkpoint_from_model
+
+    if cfg.init not in ("svd", "frequency"):
+        raise ValueError(f"shear init must be 'svd' or 'frequency', not {cfg.init!r}")
+    weights = (token_frequencies(data, merged.dims.n_vocab, cfg.uniform_mix)
+               if cfg.init == "frequency" else None)
+    student = build_model(apply_surgery(checkpoint_from_model(merged),
+                                        Surgery(rank=cfg.rank, token_weights=weights)))
+    student.tokenizer_dir, student.source = merged.tokenizer_dir, merged.source
+    return student
 
 
 def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig):
@@ -76,6 +111,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
                                           "ce_weight": cfg.ce_weight, "kl_weight": cfg.kl_weight,
                                           "input_feature_weight": cfg.input_feature_weight,
                                           "output_feature_weight": cfg.output_feature_weight,
+                                          "init": cfg.init, "uniform_mix": cfg.uniform_mix,
                                           **cfg.train.to_dict()}),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)

@@ -228,9 +228,11 @@ def machine() -> dict[str, Any]:
               help="Also time ours base with the 5 clips as one batched call.")
 @click.option("--peers-first", is_flag=True,
               help="Run the peers before our models (to see the effect of a changing load).")
+@click.option("--baseline", default="base", show_default=True,
+              help="Which of our --model names the ratio and token-equality columns compare to.")
 @click.option("--json", "json_path", default=None, help="Also write the JSON here.")
 def main(models, clips_dir, limit, language, repeats, peers, fw_threads, dtype, batched, peers_first,
-         json_path):
+         baseline, json_path):
     clips = load_clips(Path(clips_dir), limit)
     long = long_file(clips)
     clips_audio_s = sum(len(a) for a in clips.values()) / SR
@@ -282,7 +284,7 @@ def main(models, clips_dir, limit, language, repeats, peers, fw_threads, dtype, 
                 continue
             outs = r.pop("outputs")
             toks = {k: v["tokens"] for k, v in outs.items()}
-            if label == f"ours base{suffix}":
+            if label == f"ours {baseline}{suffix}":
                 base_out = toks
             rows.append({
                 "engine": label, **{k: round(v, 3) for k, v in r.items()},
@@ -297,14 +299,14 @@ def main(models, clips_dir, limit, language, repeats, peers, fw_threads, dtype, 
         shutil.rmtree(tmp, ignore_errors=True)
     for row in rows:
         row["same_as_ours_base"] = same(row["tokens"], base_out, list(clips) + ["long"]) if base_out else None
-    ours_base = next((r for r in rows if r["engine"] == f"ours base{suffix}"), None)
+    ours_base = next((r for r in rows if r["engine"] == f"ours {baseline}{suffix}"), None)
 
     def yn(v):
         return "n/a" if v is None else ("yes" if v else "**no**")
 
     lines = [f"Audio: {len(clips)} clips, {clips_audio_s:.1f} s in all; long file {long_audio_s:.1f} s.",
-             "", "| engine | clips (s) | RTF | long file (s) | RTF | vs ours base (clips / long) "
-             "| tokens out (clips / long) | greedy tokens = ours base | = faster-whisper reference |",
+             "", "| engine | clips (s) | RTF | long file (s) | RTF | vs ours " + baseline + " (clips / long) "
+             "| tokens out (clips / long) | greedy tokens = ours " + baseline + " | = faster-whisper reference |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         speed = "—"

@@ -106,18 +106,55 @@ def _host(x: mx.array) -> np.ndarray:
 _TRANSFORM_ERRORS = (RuntimeError, ValueError)
 
 
+# ---- a small thread pool for the encoder's kernels --------------------------------------
+
+_pool = None
+
+
+def _workers() -> int:
+    """Threads for the big numpy kernels (encoder attention and GELU): as many as the
+    encoder's BLAS threads. numpy releases the GIL in its loops and BLAS calls; each
+    thread's numpy BLAS stays single-threaded (see :func:`inference`)."""
+    from . import _blas
+
+    return max(1, _blas.encoder_threads() or 1)
+
+
+def _run_parallel(tasks: list) -> None:
+    """Run independent tasks that write disjoint output slices on ``_workers()`` threads."""
+    global _pool
+    n = _workers()
+    if n <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            t()
+        return
+    if _pool is None or _pool._max_workers != n:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mlxbw-cpu")
+    for f in [_pool.submit(t) for t in tasks]:
+        f.result()
+
+
 # ---- GELU (exact, erf form) -----------------------------------------------------------
 
 def _gelu_mlx(x: mx.array) -> mx.array:
     return nn.gelu(x)  # x * (1 + erf(x / √2)) / 2
 
 
-def _gelu_numpy(a: np.ndarray) -> np.ndarray:
-    out = a / np.float32(math.sqrt(2))
+def _gelu_rows(a: np.ndarray, out: np.ndarray) -> None:
+    np.divide(a, np.float32(math.sqrt(2)), out=out)
     _np_erf(out, out=out)
     out += 1
     out *= a
     out *= np.float32(0.5)
+
+
+def _gelu_numpy(a: np.ndarray) -> np.ndarray:
+    out = np.empty_like(a)
+    rows, cols = a.reshape(-1, a.shape[-1]), out.reshape(-1, a.shape[-1])
+    parts = np.array_split(np.arange(len(rows)), _workers())
+    _run_parallel([lambda p=p: _gelu_rows(rows[p[0]:p[-1] + 1], cols[p[0]:p[-1] + 1])
+                   for p in parts if len(p)])
     return out
 
 
@@ -168,20 +205,26 @@ def _attention_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int) -
     hd = d // n_head
     scale = hd ** -0.25
     out = np.empty((b, n_head, t_q, hd), np.float32)
+
+    def head(qh: np.ndarray, kh: np.ndarray, vh: np.ndarray, o_head: np.ndarray) -> None:
+        kt = kh.T
+        for r in range(0, t_q, ROWS):
+            w = qh[r:r + ROWS] @ kt
+            w -= w.max(axis=-1, keepdims=True)
+            np.exp(w, out=w)
+            z = w.sum(axis=-1, keepdims=True)
+            o = o_head[r:r + ROWS]
+            np.matmul(w, vh, out=o)
+            o /= z
+
+    tasks = []
     for i in range(b):
         qh = _split_heads(q[i], n_head, scale)
         kh = _split_heads(k[i], n_head, scale)
         vh = _split_heads(v[i], n_head, 1.0)
-        for h in range(n_head):
-            kt = kh[h].T
-            for r in range(0, t_q, ROWS):
-                w = qh[h, r:r + ROWS] @ kt
-                w -= w.max(axis=-1, keepdims=True)
-                np.exp(w, out=w)
-                z = w.sum(axis=-1, keepdims=True)
-                o = out[i, h, r:r + ROWS]
-                np.matmul(w, vh[h], out=o)
-                o /= z
+        tasks += [lambda i=i, h=h, qh=qh, kh=kh, vh=vh: head(qh[h], kh[h], vh[h], out[i, h])
+                  for h in range(n_head)]
+    _run_parallel(tasks)
     return out.transpose(0, 2, 1, 3).reshape(b, t_q, d)
 
 

@@ -64,41 +64,27 @@ def score(model, feats, texts) -> tuple[float, float]:
 
 
 def hausa_set(model, split: str, n: int, cache_dir: str | None = None):
-    """The first ``n`` clips of a Hausa split: tokenized items and encoder features."""
+    """The first ``n`` clips of a Hausa split, batched (with cached encoder features) by
+    the training code's own :class:`Batcher`."""
     from mlx_baldwhisper.decoding import tokenizer_for
-    from mlx_baldwhisper.training.data import FeatureCache, encoder_fingerprint, prepare, read_split
+    from mlx_baldwhisper.training.data import (Batcher, FeatureCache, encoder_fingerprint, prepare,
+                                               read_split)
 
     tk = tokenizer_for(model, "ha", "transcribe")
     items, _ = prepare(read_split(HAUSA, split, "ha")[:n], tk, model.dims.n_mels)
     cache = FeatureCache(encoder_fingerprint(model), cache_dir)
     cache.compute(model, items, batch_size=4, progress=False)
-    return items, cache.stack(items), tk.eot
-
-
-def batch(data, idx):
-    """Features, inputs, targets and mask for ``idx``, padded with eot under a zero mask."""
-    import mlx.core as mx
-    import numpy as np
-
-    items, feats, eot = data
-    t = max(len(items[i].tokens) - 1 for i in idx)
-    arr = np.full((3, len(idx), t), eot, np.float32)
-    arr[2] = 0
-    for k, i in enumerate(idx):
-        n = len(items[i].tokens) - 1
-        arr[:, k, :n] = items[i].inputs, items[i].targets, items[i].mask
-    ints = mx.array(arr[:2].astype(np.int32))
-    return mx.array(feats[list(idx)]).astype(mx.float32), ints[0], ints[1], mx.array(arr[2])
+    return Batcher(items, 8, features=cache, include_mel=False)
 
 
 def dev_ce(model, dev) -> float:
-    from mlx_baldwhisper.training.losses import cross_entropy
+    from mlx_baldwhisper.training.common import ce_loss
 
     total, count = 0.0, 0.0
-    for s in range(0, len(dev[0]), 8):
-        f, inp, tgt, mask = batch(dev, range(s, min(s + 8, len(dev[0]))))
-        n = float(mask.sum())
-        total += float(cross_entropy(model.decoder(inp, f)[0], tgt, mask)) * n
+    for s in range(0, len(dev.items), 8):
+        b = dev.collate(range(s, min(s + 8, len(dev.items))))
+        n = float(b["mask"].sum())
+        total += float(ce_loss(model, b)[0]) * n
         count += n
     return total / count
 
@@ -110,7 +96,7 @@ def brief_recovery(model, train, dev, steps: int, size: int = 4, lr: float = 3e-
     import mlx.optimizers as optim
     import numpy as np
 
-    from mlx_baldwhisper.training.losses import cross_entropy
+    from mlx_baldwhisper.training.common import ce_loss
 
     before = dev_ce(model, dev)
     model.freeze()
@@ -119,10 +105,10 @@ def brief_recovery(model, train, dev, steps: int, size: int = 4, lr: float = 3e-
     warm = min(10, max(1, steps // 2))
     opt = optim.Adam(learning_rate=optim.join_schedules(
         [optim.linear_schedule(lr / warm, lr, warm), lambda _: lr], [warm]))
-    step = nn.value_and_grad(model, lambda m, f, i, t, k: cross_entropy(m.decoder(i, f)[0], t, k))
+    step = nn.value_and_grad(model, lambda b: ce_loss(model, b)[0])
     rng = np.random.default_rng(0)  # the same batches for every variant
     for _ in range(steps):
-        _, grads = step(model, *batch(train, rng.choice(len(train[0]), size, replace=False)))
+        _, grads = step(train.collate(rng.choice(len(train.items), size, replace=False)))
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state)
     return before, dev_ce(model, dev)

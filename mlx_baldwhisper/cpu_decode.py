@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import cpu_ops
+from .cpu_ops import host
 from .lowrank import LowRankEmbedding
 
 _F32 = mx.float32
@@ -46,27 +47,23 @@ def supported(decoder: Any) -> bool:
     return True
 
 
-def _np(a: mx.array) -> np.ndarray:
-    return np.asarray(memoryview(a))
-
-
 def _layer_norm(x: np.ndarray, ln: nn.LayerNorm) -> np.ndarray:
     mean = x.mean(axis=-1, keepdims=True)
     y = x - mean
     var = np.mean(y * y, axis=-1, keepdims=True)
     y *= 1.0 / np.sqrt(var + np.float32(ln.eps))
     if "weight" in ln:
-        y *= _np(ln.weight)
+        y *= host(ln.weight)
     if "bias" in ln:
-        y += _np(ln.bias)
+        y += host(ln.bias)
     return y
 
 
 def _linear(x: np.ndarray, lin: nn.Linear) -> np.ndarray:
     b, t, d = x.shape
-    y = x.reshape(b * t, d) @ _np(lin.weight).T
+    y = x.reshape(b * t, d) @ host(lin.weight).T
     if "bias" in lin:
-        y += _np(lin.bias)
+        y += host(lin.bias)
     return y.reshape(b, t, -1)
 
 
@@ -102,17 +99,17 @@ def decode_step(decoder: Any, tokens: mx.array, xa: mx.array, caches: list,
     try:
         mx.eval(tokens, cross_kv)
         toks = np.asarray(memoryview(tokens)).astype(np.int64)
-        cross = [(_np(k), _np(v)) for k, v in cross_kv]
+        cross = [(host(k), host(v)) for k, v in cross_kv]
     except cpu_ops._TRANSFORM_ERRORS:
         return None
     offset = caches[0].offset
     b, t = toks.shape
     emb = decoder.token_embedding
     if isinstance(emb, LowRankEmbedding):
-        x = _np(emb.A.weight)[toks] @ _np(emb.B)
+        x = host(emb.A.weight)[toks] @ host(emb.B)
     else:
-        x = _np(emb.weight)[toks]
-    x = x + _np(decoder.positional_embedding)[offset:offset + t]
+        x = host(emb.weight)[toks]
+    x = x + host(decoder.positional_embedding)[offset:offset + t]
     mask = None
     if t > 1:  # the prompt: causal within the new tokens
         rows = np.arange(offset, offset + t)[:, None]
@@ -141,8 +138,8 @@ def decode_step(decoder: Any, tokens: mx.array, xa: mx.array, caches: list,
     x = _layer_norm(x, decoder.ln)
     flat = x.reshape(b * t, -1)
     if isinstance(emb, LowRankEmbedding):
-        logits = (flat @ _np(emb.B).T) @ _np(emb.A.weight).T
+        logits = (flat @ host(emb.B).T) @ host(emb.A.weight).T
     else:
-        logits = flat @ _np(emb.weight).T
+        logits = flat @ host(emb.weight).T
     return mx.array(logits.reshape(b, t, -1)), list(cross_kv), [None] * len(blocks)
 

@@ -5,7 +5,8 @@ MLX's CPU element-wise kernels are scalar on Linux/x86 (``exp`` ~11 ns and ``erf
 softmax (8 x 1500 x 1500 per layer) and in GELU. numpy's ``exp`` is vectorised
 (~0.4 ns per element) and numpy's matmul uses its own OpenBLAS, so this module
 computes those two pieces in numpy, head by head and in blocks of query rows that
-stay in cache, and hands the result back to MLX. Matmuls of the projections, layer
+stay in cache (heads, and GELU rows, spread over a small thread pool sized like the
+encoder's BLAS threads), and hands the result back to MLX. Matmuls of the projections, layer
 norms and everything else stay in MLX (quantized layers included).
 
 The numpy kernels are ``mx.custom_function``s whose backward pass is the plain MLX
@@ -16,8 +17,9 @@ decoding enter it), on the CPU device, on Linux. ``MLX_BALDWHISPER_CPU_OPS=numpy
 forces them anywhere, ``=mlx`` turns them off. For decoding, the cross-attention and
 the vocabulary projection have kernels here (used by quantized decoders); a float32
 decoder runs its whole step in numpy (cpu_decode.py). Inside :func:`inference`,
-numpy's own BLAS runs single-threaded (``MLX_BALDWHISPER_CPU_THREADS`` to change):
-beside MLX's worker thread on a 2-core machine, more threads only contend.
+numpy's own BLAS runs single-threaded per calling thread (``MLX_BALDWHISPER_CPU_THREADS``
+to change): beside MLX's worker thread on a 2-core machine, more BLAS threads only
+contend; the encoder's parallelism comes from the pool instead.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def inference() -> Iterator[None]:
         _inference.reset(token)
 
 
-def _host(x: mx.array) -> np.ndarray:
+def host(x: mx.array) -> np.ndarray:
     """A zero-copy float32 numpy view of ``x`` (evaluates it). Raises inside a transform."""
     if x.dtype != mx.float32:
         x = x.astype(mx.float32)
@@ -152,7 +154,9 @@ def _gelu_rows(a: np.ndarray, out: np.ndarray) -> None:
 def _gelu_numpy(a: np.ndarray) -> np.ndarray:
     out = np.empty_like(a)
     rows, cols = a.reshape(-1, a.shape[-1]), out.reshape(-1, a.shape[-1])
-    parts = np.array_split(np.arange(len(rows)), _workers())
+    # Split across threads only when large (the encoder): a decoding step's GELU (batch x
+    # 2048, from cpu_decode) is cheaper than the hand-off to the pool.
+    parts = np.array_split(np.arange(len(rows)), _workers() if a.size >= MIN_GELU else 1)
     _run_parallel([lambda p=p: _gelu_rows(rows[p[0]:p[-1] + 1], cols[p[0]:p[-1] + 1])
                    for p in parts if len(p)])
     return out
@@ -161,7 +165,7 @@ def _gelu_numpy(a: np.ndarray) -> np.ndarray:
 @mx.custom_function
 def _gelu(x: mx.array) -> mx.array:
     try:
-        a = _host(x)
+        a = host(x)
     except _TRANSFORM_ERRORS:
         return _gelu_mlx(x)
     return mx.array(_gelu_numpy(a)).astype(x.dtype)
@@ -241,7 +245,7 @@ def _attention_fn(n_head: int) -> Callable:
     @mx.custom_function
     def fn(q, k, v):
         try:
-            qn, kn, vn = _host(q), _host(k), _host(v)
+            qn, kn, vn = host(q), host(k), host(v)
         except _TRANSFORM_ERRORS:
             return reference(q, k, v)
         return mx.array(_attention_numpy(qn, kn, vn, n_head)).astype(q.dtype)
@@ -272,7 +276,7 @@ def _attend_heads_mlx(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
 @mx.custom_function
 def _attend_heads(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     try:
-        qn, kn, vn = _host(q), _host(k), _host(v)
+        qn, kn, vn = host(q), host(k), host(v)
     except _TRANSFORM_ERRORS:
         return _attend_heads_mlx(q, k, v)
     w = qn @ kn.swapaxes(-1, -2)
@@ -303,7 +307,7 @@ def _matmul_t_mlx(x: mx.array, w: mx.array) -> mx.array:
 @mx.custom_function
 def _matmul_t(x: mx.array, w: mx.array) -> mx.array:
     try:
-        xn, wn = _host(x), _host(w)
+        xn, wn = host(x), host(w)
     except _TRANSFORM_ERRORS:
         return _matmul_t_mlx(x, w)
     lead = xn.shape[:-1]

@@ -91,7 +91,6 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc="evaluating", unit="clip", disable=not progress)
     for b in range(0, len(todo), batch_size):
-        bar.update(len(todo[b:b + batch_size]))
         ok, feats = _batch_features(model, todo[b:b + batch_size], features, skipped)
         langs = [base.language or it.language for it in ok]
         batch_rows: list[dict[str, Any]] = [{} for _ in ok]
@@ -102,6 +101,7 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
             for i, r in zip(idx, results):
                 batch_rows[i] = _row(ok[i], r.text, r.language)
         rows += batch_rows
+        bar.update(len(todo[b:b + batch_size]))
     refs = [r["reference_norm"] for r in rows]
     hyps = [r["hypothesis_norm"] for r in rows]
     bar.close()

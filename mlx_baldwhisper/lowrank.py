@@ -8,10 +8,11 @@ into both factors, which is the best rank-r approximation in Frobenius norm.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from typing import Optional
 
 
 class LowRankEmbedding(nn.Module):
@@ -64,9 +65,9 @@ def factorize(E: np.ndarray, rank: int,
     eig, V = np.linalg.eigh(gram)  # ascending
     order = np.argsort(eig)[::-1][:rank]
     Vr = V[:, order]
-    S = np.linalg.norm(E64 @ Vr, axis=0)
-    root = np.sqrt(np.maximum(S, np.finfo(np.float64).tiny))
-    A = (E64 @ Vr) / root[None, :]
+    EV = E64 @ Vr  # = U_r S_r for the plain SVD
+    root = np.sqrt(np.maximum(np.linalg.norm(EV, axis=0), np.finfo(np.float64).tiny))
+    A = EV / root[None, :]
     B = root[:, None] * Vr.T
     err = float(np.linalg.norm(E64 - A @ B) / np.linalg.norm(E64))
     return A.astype(np.float32), B.astype(np.float32), err

@@ -29,7 +29,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _rows(x: mx.array) -> np.ndarray:
-    h = cpu_ops._host(x)
+    h = cpu_ops.host(x)
     return h.reshape(-1, h.shape[-1])
 
 
@@ -46,12 +46,12 @@ def _kl_parts(z: np.ndarray, zt: np.ndarray, t: float):
 
 
 def _targets(targets: mx.array) -> np.ndarray:
-    return cpu_ops._host(targets.astype(mx.float32)).reshape(-1).astype(np.int64)
+    return np.asarray(targets).reshape(-1).astype(np.int64)
 
 
 def _ce_grad(rows: np.ndarray, targets: np.ndarray, cotangent: mx.array) -> np.ndarray:
     """cotangent · (softmax(z) − onehot(target)), row by row."""
-    dce = cpu_ops._host(cotangent).reshape(-1, 1)
+    dce = cpu_ops.host(cotangent).reshape(-1, 1)
     g = np.exp(_log_softmax(rows))
     g *= dce
     g[np.arange(len(rows)), targets] -= dce[:, 0]
@@ -86,7 +86,7 @@ def _ce_kl_rows_vjp(primals, cotangents, outputs):
     temp = float(t.item())
     rows, trows = _rows(z), _rows(zt)
     g = _ce_grad(rows, _targets(targets), cotangents[0])
-    dkl = cpu_ops._host(cotangents[1]).reshape(-1, 1)
+    dkl = cpu_ops.host(cotangents[1]).reshape(-1, 1)
     log_ps, pt, gap, kl = _kl_parts(rows, trows, temp)
     diff = np.exp(log_ps) - pt
     g += diff * (dkl / temp)

@@ -56,6 +56,11 @@ def token_losses(logits: mx.array, targets: mx.array, teacher_logits: Optional[m
     return _ce_rows_mlx(logits, targets), _kl_rows_mlx(logits, teacher_logits, t)
 
 
+def kl_term(kl_rows: mx.array, mask: mx.array, t: mx.array) -> mx.array:
+    """T² · (masked mean of per-token KL): the T² keeps the gradient scale independent of T."""
+    return masked_mean(kl_rows, mask) * (t * t)
+
+
 def cross_entropy(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     """Token-level CE, mean over masked tokens. logits (B, T, V), targets/mask (B, T)."""
     return masked_mean(token_losses(logits, targets)[0], mask)
@@ -105,7 +110,7 @@ def kl_distillation(
     t = _as_temperature(temperature)
     kl = token_losses(student_logits, mx.zeros(student_logits.shape[:-1], mx.int32),
                       teacher_logits, t)[1]
-    return masked_mean(kl, mask) * (t * t)
+    return kl_term(kl, mask, t)
 
 
 def cosine_similarity(a: mx.array, b: mx.array, eps: float = 1e-8) -> mx.array:
@@ -142,7 +147,6 @@ def distillation_loss(
     """λ·CE(labels) + γ·T²·KL(teacher ‖ student); returns (loss, parts to log)."""
     t = _as_temperature(temperature)
     ce_rows, kl_rows = token_losses(student_logits, targets, teacher_logits, t)
-    ce, kl = masked_mean(ce_rows, mask), masked_mean(kl_rows, mask) * (t * t)
+    ce, kl = masked_mean(ce_rows, mask), kl_term(kl_rows, mask, t)
     loss = ce_weight * ce + kl_weight * kl
-    t = temperature if isinstance(temperature, mx.array) else mx.array(temperature)
     return loss, {"ce": ce, "kl": kl, "temperature": mx.stop_gradient(t)}

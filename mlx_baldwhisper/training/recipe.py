@@ -179,7 +179,7 @@ class Recipe:
             return student, recover(student, teacher, data, cfg.recover, out / "merged", resume=self.resume)
 
         def removed():
-            keep = len(_merge_groups(teacher, cfg.merge_groups))  # as many layers as merged
+            keep = merged_layer_count(teacher, cfg)  # as many layers as merging leaves
             student = build_model(apply_surgery(checkpoint_from_model(teacher), Surgery(drop=keep)))
             student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
             return student, recover(student, teacher, data, cfg.recover, out / "removed",
@@ -228,13 +228,12 @@ class Recipe:
         (self.out / "results.md").write_text(results_table(self.results))
 
 
-def _merge_groups(model: Whisper, groups: Optional[str]) -> list[list[int]]:
-    from ..merge import adjacent_pairs, parse_groups
+def merged_layer_count(model: Whisper, cfg: RecipeConfig) -> int:
+    """Decoder layers left by merging ``cfg.merge_groups`` (None: adjacent pairs): merge.py's plan."""
+    from ..merge import make_plan, parse_groups
 
-    n = model.dims.n_text_layer
-    chosen = parse_groups(groups) if groups else adjacent_pairs(n)
-    merged = {i for g in chosen for i in g}
-    return chosen + [[i] for i in range(n) if i not in merged]
+    groups = parse_groups(cfg.merge_groups) if cfg.merge_groups else None
+    return len(make_plan(model.dims.n_text_layer, groups, cfg.alpha, cfg.beta).groups)
 
 
 def results_table(results: dict[str, Any]) -> str:

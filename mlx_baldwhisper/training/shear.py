@@ -22,7 +22,7 @@ import numpy as np
 
 from ..model import Whisper
 from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
-from .losses import LearnableTemperature, feature_distance, masked_mean, token_losses
+from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -89,7 +89,7 @@ def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: Shea
         loss = cfg.ce_weight * ce + cfg.input_feature_weight * feat_in + cfg.output_feature_weight * feat_out
         logs = {"ce": ce, "feat_in": feat_in, "feat_out": feat_out}
         if kl_rows is not None:
-            kl = masked_mean(kl_rows, mask) * (t * t)
+            kl = kl_term(kl_rows, mask, t)
             loss = loss + cfg.kl_weight * kl
             logs.update(kl=kl, temperature=mx.stop_gradient(t))
         return loss, logs

@@ -6,6 +6,7 @@ temporary sibling and renamed at the end, so a failed run leaves no half folder.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,10 +14,12 @@ from typing import Any, Optional
 import numpy as np
 
 from . import lowrank, merge
+from .folders import OutputExistsError, check_output, is_empty
 from .load import build_model, resolve_dtype
 from .quantize import check_quantization, quantize_model
 from .weights import Checkpoint, mlx_folder, read_checkpoint
 
+log = logging.getLogger("mlx_baldwhisper")
 DEFAULT_ALPHA = 0.1  # measured, see docs/COMPRESSION.md "Choosing α and β" (only α/(α+β) matters)
 DEFAULT_BETA = 1.0
 
@@ -44,9 +47,14 @@ class Surgery:
         return bool(self.merge or self.merge_groups or self.merge_weights)
 
     @property
-    def changes_weights(self) -> bool:
+    def changes_layers(self) -> bool:
+        """Merging, removal or factoring: changes that need recovery training."""
         return (self.merges_decoder or bool(self.encoder_merge_groups) or self.drop is not None
-                or self.rank is not None or self.quantize)
+                or self.rank is not None)
+
+    @property
+    def changes_weights(self) -> bool:
+        return self.changes_layers or self.quantize
 
 
 def _part(name: str) -> str:
@@ -75,6 +83,11 @@ def fixed_positions(dims) -> int:
     return dims.n_audio_ctx * dims.n_audio_state
 
 
+def break_even_rank(n_vocab: int, width: int) -> int:
+    """The rank from which A (V×r) plus B (r×d) hold at least as many numbers as E (V×d)."""
+    return -(-n_vocab * width // (n_vocab + width))
+
+
 def check_request(ckpt: Checkpoint, s: Surgery) -> None:
     """Refuse impossible or ambiguous requests before any work is done."""
     d = ckpt.dims.n_text_state
@@ -82,6 +95,10 @@ def check_request(ckpt: Checkpoint, s: Surgery) -> None:
         raise ValueError("--merge and --drop are alternatives: choose one")
     if s.rank is not None and not 1 <= s.rank <= d:
         raise ValueError(f"--rank must be between 1 and the model width {d}, got {s.rank}")
+    if s.rank is not None and s.rank >= break_even_rank(ckpt.dims.n_vocab, d):
+        log.warning("--rank %d saves no parameters: factoring a %d x %d embedding pays only below "
+                    "rank %d (V·d/(V+d))", s.rank, ckpt.dims.n_vocab, d,
+                    break_even_rank(ckpt.dims.n_vocab, d))
     if s.quantize:
         check_quantization(s.q_bits, s.q_group_size)
     if ckpt.extra.get("quantization") and s.changes_weights:
@@ -116,6 +133,8 @@ def apply_surgery(ckpt: Checkpoint, s: Surgery) -> Checkpoint:
                                "init": "svd" if s.token_weights is None else "frequency-weighted svd"}
         s.report["relative_error"] = err
     if record:
+        if s.changes_layers:
+            record["recovered"] = False  # until a training stage distils it (see load.py)
         ckpt.extra["surgery"] = record
     return ckpt
 
@@ -127,10 +146,10 @@ def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
 
     surgery = surgery or Surgery()
     out = Path(mlx_path)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
+    check_output(out, force, option="--mlx-path")
+    if out.is_dir() and not is_empty(out) and not force:
+        raise OutputExistsError(f"--mlx-path {out} is an existing model folder "
+                                f"(pass --force to replace it)")
     target = resolve_dtype(dtype)
     ckpt = read_checkpoint(source)
     before = component_sizes(ckpt.weights)
@@ -146,7 +165,7 @@ def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
             v[1] = packed[part][1]
     fixed = fixed_positions(model.dims)
     surgery.report.update(before=before, after=after, fixed_positions=fixed)
-    mlx_folder.save_atomic(model, out, ckpt.tokenizer_dir, ckpt.source)
+    mlx_folder.save_atomic(model, out, ckpt.tokenizer_dir, ckpt.source, force=force)
     log(size_table(before, after, fixed))
     if "relative_error" in surgery.report:
         log(f"embedding rank {surgery.rank}: relative reconstruction error "

@@ -94,7 +94,27 @@ def load_model(path_or_name: str | os.PathLike | None = None,
                  "slow on Linux; load_model(..., dequantize=False) keeps them packed)",
                  ckpt.extra["quantization"]["bits"])
         ckpt = dequantize_checkpoint(ckpt)
-    return build_model(ckpt, dtype)
+    model = build_model(ckpt, dtype)
+    warn_if_unrecovered(model, str(path_or_name or "base"))
+    return model
+
+
+_warned: set[str] = set()
+
+
+def warn_if_unrecovered(model: Whisper, name: str) -> None:
+    """Merged or sheared weights transcribe badly until distilled: say so, once per model."""
+    surgery = model.extra_config.get("surgery", {})
+    if surgery.get("recovered", True) or name in _warned:
+        return
+    _warned.add(name)
+    done = [k for k in ("decoder_merge", "decoder_removal", "encoder_merge", "embedding") if k in surgery]
+    stage = "shear" if "embedding" in surgery else "recover"
+    log.warning(
+        "%s was compressed (%s) and never recovered by distillation, so expect poor transcripts. "
+        "Recover it on your data: mlx_baldwhisper %s --teacher <uncompressed model> --student %s "
+        "--train TRAIN.tsv --dev DEV.tsv --language LANG --out <recovered folder>  "
+        "(README: Compress)", name, ", ".join(done), stage, name)
 
 
 def checkpoint_from_model(model: Whisper) -> Checkpoint:

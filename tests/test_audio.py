@@ -15,9 +15,8 @@ from mlx_baldwhisper.audio import (
     N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram, mel_filters,
     pad_or_trim,
 )
+from conftest import SHARED, needs_shared
 
-SHARED = Path(__file__).parents[2] / "shared"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared is not present")
 
 
 def tone(sr: int, seconds: float, channels: int) -> np.ndarray:

@@ -2,31 +2,12 @@
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 
-from conftest import tiny_model
 from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig, load_config
-from mlx_baldwhisper.weights import mlx_folder
 
 TINY_TRAIN = {"max_steps": 2, "warmup_steps": 1, "lr": 1e-3, "plot": False, "progress": False,
               "log_every": 1}
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    (tmp_path / "clips").mkdir()
-    lines = ["path\tsentence"]
-    for i, text in enumerate(["ina kwana", "sannu da zuwa", "yaya aiki", "na gode sosai"]):
-        sf.write(tmp_path / "clips" / f"c{i}.wav", (rng.standard_normal(8000) * 0.05).astype(np.float32), 16000)
-        lines.append(f"clips/c{i}.wav\t{text}")
-    (tmp_path / "train.tsv").write_text("\n".join(lines) + "\n")
-    (tmp_path / "dev.tsv").write_text("\n".join(lines[:3]) + "\n")
-    model = tiny_model(seed=5)
-    mlx_folder.save(model, tmp_path / "start", model.tokenizer_dir, "test:tiny")
-    return tmp_path
 
 
 def tiny_config(start: str) -> dict:

@@ -1,117 +1,259 @@
-"""``mlx_baldwhisper`` subcommands for the training side: one per stage, and the recipe."""
+"""``mlx_baldwhisper`` subcommands for the training side: one per stage, and the recipe.
+
+Every stage takes the same data, output and training options; a JSON ``--config`` (the
+format ``recipe --print-config`` prints) sets everything else, and the options override it.
+A stage ends by printing its best dev WER/CER and the folder it wrote; an interrupted
+one exits with status 130 and resumes when the same command is run again.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import click
 
-
-def _config(path: Optional[str]):
-    from .recipe import load_config
-
-    return load_config(path)
+POSITIVE = click.IntRange(min=1)
 
 
-def _data(model, train: str, dev: str, language: str, out: str, freeze_encoder: bool = True):
-    from .common import load_data
+@dataclass
+class StageOptions:
+    """What every stage command shares, gathered from its options."""
 
-    return load_data(model, train, dev, language, str(Path(out).parent / "cache"),
-                     cache_features=freeze_encoder)
+    train: str
+    dev: str
+    language: str
+    out: str
+    config_path: Optional[str]
+    resume: bool
+    force: bool
+    language_token: Optional[str]
+    cache_dir: Optional[str]
+    max_steps: Optional[int]
+    batch_size: Optional[int]
+    lr: Optional[float]
+    eval_limit: Optional[int]
+    save_every: Optional[int]
+
+    def config(self):
+        """The JSON config (or the defaults) with this command's overrides applied."""
+        from .recipe import load_config
+
+        cfg = load_config(self.config_path)
+        cfg.language = self.language
+        cfg.language_token = self.language_token or cfg.language_token
+        for stage in (cfg.finetune, cfg.recover, cfg.shear):
+            self.override(stage)
+        return cfg
+
+    def override(self, stage: Any) -> None:
+        """Apply the command-line training settings to one stage's config."""
+        train = stage.train
+        train.max_steps = self.max_steps or train.max_steps
+        train.lr = self.lr or train.lr
+        train.save_every = train.save_every if self.save_every is None else self.save_every
+        stage.batch_size = self.batch_size or stage.batch_size
+        stage.eval_limit = self.eval_limit or stage.eval_limit
+
+    def check_outputs(self, recipe: bool = False) -> None:
+        """Refuse someone else's folder before any slow work starts."""
+        from ..folders import check_output, claim_run_folder, run_folder
+
+        if recipe:
+            claim_run_folder(Path(self.out), self.force)
+            return
+        check_output(Path(self.out), self.force)
+        claim_run_folder(run_folder(Path(self.out)), self.force, option="run folder")
+
+    def data(self, model, freeze_encoder: bool = True):
+        from .common import load_data
+
+        return load_data(model, self.train, self.dev, self.language, self.cache_folder(),
+                         cache_features=freeze_encoder)
+
+    def cache_folder(self) -> str:
+        """Encoder features are cached beside the output, so stages of one run share them."""
+        return self.cache_dir or str(Path(os.path.abspath(self.out)).parent / "cache")
+
+    def with_language_token(self, model, token: Optional[str]):
+        """Decode a language Whisper lacks with an existing token (recorded in the model)."""
+        if token:
+            model.extra_config["language_tokens"] = {
+                **model.extra_config.get("language_tokens", {}), self.language: token}
+        return model
+
+
+def _print_config(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .recipe import RecipeConfig
+
+    click.echo(json.dumps(RecipeConfig().to_dict(), indent=2))
+    ctx.exit()
+
+
+STAGE_OPTIONS = [
+    click.option("--train", required=True,
+                 help="Training manifest: TSV/CSV/JSONL (audio path + transcript) or Common Voice tsv."),
+    click.option("--dev", required=True, help="Dev manifest, for evaluation and model selection."),
+    click.option("--language", required=True, help="Language code, e.g. ha."),
+    click.option("--out", required=True,
+                 help="Output model folder (checkpoints go to OUT.run). Refused if it holds "
+                      "files we did not write, unless --force."),
+    click.option("--config", "config_path", default=None,
+                 help="JSON config; see `mlx_baldwhisper recipe --print-config` for every key."),
+    click.option("--resume/--no-resume", default=True, show_default=True,
+                 help="Continue from the last checkpoint in OUT.run (--no-resume starts over)."),
+    click.option("--force", is_flag=True,
+                 help="Write into an existing folder we did not create (nothing in it is deleted)."),
+    click.option("--language-token", default=None,
+                 help="For a language Whisper lacks: the existing language token to use (e.g. ha)."),
+    click.option("--cache-dir", default=None,
+                 help="Folder for cached encoder features (default: 'cache' beside --out). "
+                      "About n_audio_ctx x n_audio_state x 2 bytes per clip: 1.5 MB for base."),
+    click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps (overrides the config)."),
+    click.option("--batch-size", type=POSITIVE, default=None, help="Clips per batch (overrides the config)."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Peak learning rate (overrides the config)."),
+    click.option("--eval-limit", type=POSITIVE, default=None,
+                 help="Dev clips scored during training (overrides the config)."),
+    click.option("--save-every", type=click.IntRange(min=0), default=None,
+                 help="Checkpoint every N steps; 0 = at the end and on interrupt only."),
+    click.option("--print-config", is_flag=True, expose_value=False, is_eager=True,
+                 callback=_print_config, help="Print the default JSON config and exit."),
+]
+
+
+def stage_command(f: Callable) -> Callable:
+    """Add the shared options; the command receives them as one ``StageOptions``."""
+    names = [p for p in StageOptions.__dataclass_fields__]
+
+    def wrapper(**kwargs: Any) -> Any:
+        opts = StageOptions(**{n: kwargs.pop(n) for n in names})
+        return f(opts, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = f.__name__, f.__doc__
+    for opt in reversed(STAGE_OPTIONS):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+def finish(result, out: str) -> None:
+    """The closing lines: best dev scores and the model folder, or how to resume."""
+    from ..folders import run_folder
+
+    if result.status == "interrupted":
+        click.echo(f"interrupted at step {result.step}: rerun the same command to resume", err=True)
+        raise SystemExit(130)
+    best_file = run_folder(Path(out)) / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.exists() else {}
+    scores = (f"best dev WER {100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}% (step {best['step']})"
+              if "wer" in best else "no dev evaluation")
+    click.echo(f"{result.status} after {result.step} steps; {scores}; model: {out}")
 
 
 def register_training_commands(main: click.Group, friendly: Callable) -> None:
-    common = [
-        click.option("--train", "train", required=True, help="Training manifest (TSV/CSV/JSONL or Common Voice tsv)."),
-        click.option("--dev", "dev", required=True, help="Dev manifest, for evaluation and model selection."),
-        click.option("--language", required=True, help="Language code, e.g. ha."),
-        click.option("--out", required=True, help="Output model folder."),
-        click.option("--config", "config_path", default=None, help="JSON config (see RecipeConfig)."),
-        click.option("--resume/--no-resume", default=True, help="Continue from the last checkpoint."),
-    ]
-
-    def with_common(f):
-        for opt in reversed(common):
-            f = opt(f)
-        return f
-
     @main.command("finetune")
-    @click.option("--model", default=None, help="Starting model (default: embedded base).")
+    @click.option("--model", default=None, help="Starting model (default: the embedded base).")
     @click.option("--full", is_flag=True, help="Train the encoder too (slow; no feature cache).")
-    @with_common
+    @stage_command
     @friendly
-    def finetune_cmd(model, full, train, dev, language, out, config_path, resume):
+    def finetune_cmd(opts: StageOptions, model, full):
         """Fine-tune on a language (the teacher)."""
         from ..load import load_model
         from .finetune import finetune
 
-        cfg = _config(config_path).finetune
-        cfg.freeze_encoder = not full
-        m = load_model(model)
-        finetune(m, _data(m, train, dev, language, out, not full), cfg, Path(out), resume=resume)
+        cfg = opts.config()
+        cfg.finetune.freeze_encoder = not full
+        opts.check_outputs()
+        m = opts.with_language_token(load_model(model or cfg.model), cfg.language_token)
+        finish(finetune(m, opts.data(m, not full), cfg.finetune, Path(opts.out), resume=opts.resume,
+                        force=opts.force), opts.out)
 
     @main.command("merge-search")
     @click.option("--teacher", required=True, help="The fine-tuned model folder.")
-    @with_common
+    @stage_command
     @friendly
-    def merge_search_cmd(teacher, train, dev, language, out, config_path, resume):
+    def merge_search_cmd(opts: StageOptions, teacher):
         """Choose α/β by brief recovery trials; trials are logged to OUT/trials.jsonl."""
         from ..load import load_model
         from .merge_search import MergeSearchConfig, merge_search
 
-        recipe = _config(config_path)
-        t = load_model(teacher)
-        found = merge_search(t, _data(t, train, dev, language, out), recipe.search or MergeSearchConfig(),
-                             Path(out), recipe.merge_groups)
-        click.echo(f"best alpha={found['alpha']:g} beta={found['beta']:g}")
+        recipe = opts.config()
+        search = recipe.search or MergeSearchConfig()
+        opts.override(search.recover)
+        search.dev_limit = opts.eval_limit or search.dev_limit
+        opts.check_outputs(recipe=True)
+        t = opts.with_language_token(load_model(teacher), recipe.language_token)
+        found = merge_search(t, opts.data(t), search, Path(opts.out), recipe.merge_groups)
+        best = min(found["trials"], key=lambda x: (x["wer"], x["cer"]))
+        click.echo(f"best alpha={found['alpha']:g} beta={found['beta']:g}: dev WER "
+                   f"{100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%; trials: "
+                   f"{Path(opts.out) / 'trials.jsonl'}")
 
     @main.command("recover")
-    @click.option("--teacher", required=True)
+    @click.option("--teacher", required=True, help="The fine-tuned (uncompressed) model folder.")
     @click.option("--student", default=None, help="A merged folder (default: merge the teacher).")
-    @click.option("--alpha", default=0.1, show_default=True, type=float)
-    @click.option("--beta", default=1.0, show_default=True, type=float)
+    @click.option("--alpha", default=None, type=click.FloatRange(min=0),
+                  help="Weight of the lower layers when merging (default: the config's, 0.1).")
+    @click.option("--beta", default=None, type=click.FloatRange(min=0),
+                  help="Weight of the upper layer when merging (default: the config's, 1).")
     @click.option("--merge-groups", default=None,
-                  help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: adjacent pairs).")
-    @with_common
+                  help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: the config's, "
+                       "else adjacent pairs).")
+    @stage_command
     @friendly
-    def recover_cmd(teacher, student, alpha, beta, merge_groups, train, dev, language, out,
-                    config_path, resume):
+    def recover_cmd(opts: StageOptions, teacher, student, alpha, beta, merge_groups):
         """Distil the frozen teacher into a merged decoder: λ·CE + γ·KL, learnable temperature."""
         from ..load import load_model
         from .merge_search import merged_student
         from .recover import recover
 
-        t = load_model(teacher)
-        s = load_model(student) if student else merged_student(t, alpha, beta, merge_groups)
-        recover(s, t, _data(t, train, dev, language, out), _config(config_path).recover, Path(out),
-                resume=resume)
+        cfg = opts.config()
+        opts.check_outputs()
+        t = opts.with_language_token(load_model(teacher), cfg.language_token)
+        s = (opts.with_language_token(load_model(student), cfg.language_token) if student else
+             merged_student(t, cfg.alpha if alpha is None else alpha, cfg.beta if beta is None else beta,
+                            merge_groups or cfg.merge_groups))
+        finish(recover(s, t, opts.data(t), cfg.recover, Path(opts.out), resume=opts.resume,
+                       force=opts.force), opts.out)
 
     @main.command("shear")
-    @click.option("--teacher", required=True)
-    @click.option("--student", required=True, help="The recovered merged model folder.")
-    @click.option("--rank", default=None, type=int, help="Embedding rank (default: from config, 96).")
-    @with_common
+    @click.option("--teacher", required=True, help="The fine-tuned (uncompressed) model folder.")
+    @click.option("--student", required=True,
+                  help="The recovered merged model folder (or one already factored by convert.py --rank).")
+    @click.option("--rank", default=None, type=POSITIVE, help="Embedding rank (default: the config's, 96).")
+    @stage_command
     @friendly
-    def shear_cmd(teacher, student, rank, train, dev, language, out, config_path, resume):
+    def shear_cmd(opts: StageOptions, teacher, student, rank):
         """Low-rank embedding by (frequency-weighted) SVD, then feature distillation against the teacher."""
         from ..load import load_model
         from .shear import shear, sheared_student
 
-        cfg = _config(config_path).shear
-        cfg.rank = rank or cfg.rank
-        t, merged = load_model(teacher), load_model(student)
-        data = _data(t, train, dev, language, out)
-        shear(sheared_student(merged, data, cfg), t, data, cfg, Path(out), resume=resume)
+        cfg = opts.config()
+        opts.check_outputs()
+        t = opts.with_language_token(load_model(teacher), cfg.language_token)
+        merged = opts.with_language_token(load_model(student), cfg.language_token)
+        factored = merged.dims.embedding_rank
+        if factored and rank and rank != factored:
+            raise click.BadParameter(f"the student is already factored at rank {factored}", param_hint="--rank")
+        cfg.shear.rank = factored or rank or cfg.shear.rank
+        data = opts.data(t)
+        s = merged if factored else sheared_student(merged, data, cfg.shear)
+        finish(shear(s, t, data, cfg.shear, Path(opts.out), resume=opts.resume, force=opts.force),
+               opts.out)
 
     @main.command("evaluate")
-    @click.option("--model", default=None)
+    @click.option("--model", default=None, help="Model folder, .pt file or embedded name (default: base).")
     @click.option("--data", "manifest", required=True, help="Manifest to score.")
-    @click.option("--language", default=None)
-    @click.option("--limit", default=None, type=int)
-    @click.option("--batch-size", default=16, show_default=True)
+    @click.option("--language", default=None, help="Language code (default: each row's, else detected).")
+    @click.option("--limit", default=None, type=POSITIVE, help="Score only the first N utterances.")
+    @click.option("--batch-size", default=16, show_default=True, type=POSITIVE, help="Clips decoded together.")
     @click.option("--output", default=None, help="Write per-utterance hypotheses (.tsv/.json).")
-    @click.option("--sample-len", default=None, type=int,
+    @click.option("--sample-len", default=None, type=POSITIVE,
                   help="Cap on generated tokens per clip (default: Whisper's 224), as the recipe's "
                        "eval_sample_len.")
     @friendly
@@ -125,32 +267,37 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
         r = evaluate(load_model(model), read_manifest(manifest, language=language), language=language,
                      batch_size=batch_size, limit=limit, options=options)
+        if r["n"] == 0:
+            reasons = "; ".join(f"{name}: {why}" for name, why in r["skipped"][:3])
+            raise ValueError(f"no usable utterances in {manifest} ({len(r['skipped'])} skipped"
+                             + (f": {reasons}" if reasons else "") + ")")
         click.echo(f"WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%  ({r['n']} utterances, "
                    f"{len(r['skipped'])} skipped, {r['seconds']:.0f} s)")
         if output:
             save_hypotheses(r, output)
 
     @main.command("recipe")
-    @click.option("--train", required=True)
-    @click.option("--dev", required=True)
-    @click.option("--language", required=True)
-    @click.option("--out", required=True, help="Output folder for every stage and the results.")
-    @click.option("--config", "config_path", default=None, help="JSON config (see RecipeConfig).")
-    @click.option("--language-token", default=None,
-                  help="For a language Whisper lacks: the existing language token to use (e.g. ha).")
     @click.option("--stages", default=None,
                   help="Comma-separated subset of untuned,teacher,search,merged,removed,final "
                        "(default: all). Needed earlier stages are loaded from --out, so "
                        "independent stages can run in parallel processes.")
+    @stage_command
     @friendly
-    def recipe_cmd(train, dev, language, out, config_path, language_token, stages):
-        """Fine-tune → merge-search → recover → removed baseline → shear → evaluate."""
+    def recipe_cmd(opts: StageOptions, stages):
+        """Fine-tune → merge-search → recover → removed baseline → shear → evaluate, into OUT."""
         from .recipe import Recipe
 
-        cfg = _config(config_path)
-        cfg.language = language
-        cfg.language_token = language_token or cfg.language_token
+        cfg = opts.config()
         chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else None
-        results = Recipe(train, dev, out, cfg, stages=chosen).run()
-        click.echo((Path(out) / "results.md").read_text())
-        return results
+        recipe = Recipe(opts.train, opts.dev, opts.out, cfg, resume=opts.resume, stages=chosen,
+                        force=opts.force, cache_dir=opts.cache_dir)
+        try:
+            recipe.run()
+        except KeyboardInterrupt as e:
+            click.echo(f"interrupted{': ' + str(e) if str(e) else ''}; rerun the same command to resume",
+                       err=True)
+            raise SystemExit(130) from None
+        click.echo((Path(opts.out) / "results.md").read_text())
+        done = [n for n in ("final", "merged", "teacher") if (Path(opts.out) / n).exists()]
+        if done:
+            click.echo(f"model: {Path(opts.out) / done[0]}")

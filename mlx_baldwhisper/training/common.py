@@ -7,6 +7,7 @@ so the encoder runs once per clip for the whole recipe and its outputs are cache
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -92,21 +93,33 @@ def dev_evaluator(data: StageData, limit: Optional[int] = None,
     return run
 
 
-def model_saver(folder: Path, record: dict[str, Any]) -> Callable[[Whisper, Path], None]:
+def model_saver(folder: Path, record: dict[str, Any],
+                force: bool = False) -> Callable[[Whisper, Path], None]:
     """A ``save_best`` for the Trainer: writes a complete model folder atomically."""
     def save(model: Whisper, _ignored: Path) -> None:
-        save_model_folder(model, folder, record)
+        save_model_folder(model, folder, record, force=force)
     return save
 
 
-def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, Any]] = None) -> None:
-    """Save with a training record appended to the config (the model itself is unchanged)."""
+def stage_settings(cfg: Any, data: StageData, **more: Any) -> dict[str, Any]:
+    """What defines a stage's run besides its TrainConfig (checked when it resumes)."""
+    own = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
+    return {**own, "language": data.language, "train_clips": len(data.train),
+            "dev_clips": len(data.dev), **more}
+
+
+def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, Any]] = None,
+                      force: bool = False) -> None:
+    """Save with a training record appended to the config (the model itself is unchanged).
+    A trained model counts as recovered from any surgery it carries."""
     extra = dict(model.extra_config)
     if record:
         extra["training"] = list(extra.get("training", [])) + [record]
+        if "surgery" in extra:
+            extra["surgery"] = {**extra["surgery"], "recovered": True}
     saved, model.extra_config = model.extra_config, extra
     try:
-        mlx_folder.save_atomic(model, Path(folder), model.tokenizer_dir, model.source)
+        mlx_folder.save_atomic(model, Path(folder), model.tokenizer_dir, model.source, force=force)
     finally:
         model.extra_config = saved
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..model import Whisper
-from .common import StageData, ce_loss, dev_evaluator, model_saver
+from ..folders import run_folder
+from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -26,16 +27,17 @@ class FinetuneConfig:
 
 
 def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
-             resume: bool = False) -> TrainResult:
+             resume: bool = False, force: bool = False) -> TrainResult:
     """Train ``model`` in place; the best dev-WER weights are written to ``out``."""
     if not cfg.freeze_encoder and data.features is not None:
         raise ValueError("full fine-tuning needs data prepared without cached features")
     trainer = Trainer(
-        model, ce_loss, cfg.train, Path(str(out) + ".run"),
+        model, ce_loss, cfg.train, run_folder(out),
         trainable_filter=["decoder."] if cfg.freeze_encoder else None,
         evaluate_fn=dev_evaluator(data, cfg.eval_limit),
         save_best=model_saver(Path(out), {"stage": "finetune", "language": data.language,
                                           "freeze_encoder": cfg.freeze_encoder,
-                                          **cfg.train.to_dict()}),
+                                          **cfg.train.to_dict()}, force),
+        settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)

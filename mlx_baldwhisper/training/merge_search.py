@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..convert import Surgery, apply_surgery
+from ..folders import claim_run_folder
 from ..load import build_model, checkpoint_from_model
 from ..model import Whisper
 from .common import StageData, dev_evaluator
@@ -46,7 +47,7 @@ def merged_student(teacher: Whisper, alpha: float, beta: float,
 def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
                  groups: Optional[str] = None) -> dict:
     """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``."""
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out)
     score = dev_evaluator(data, cfg.dev_limit)
     trials = []
     with open(out / "trials.jsonl", "w") as log:

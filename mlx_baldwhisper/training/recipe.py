@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ..convert import Surgery, apply_surgery
 from ..decoding import DecodingOptions
 from ..evaluate import evaluate, save_hypotheses
+from ..folders import claim_run_folder
 from ..load import build_model, checkpoint_from_model, load_model
 from ..model import Whisper
 from .common import StageData, load_data, write_json
@@ -26,7 +27,7 @@ from .finetune import FinetuneConfig, finetune
 from .merge_search import MergeSearchConfig, merge_search, merged_student
 from .recover import RecoverConfig, recover
 from .shear import ShearConfig, shear, sheared_student
-from .trainer import TrainConfig
+from .trainer import TrainConfig, check_resumable
 
 
 @dataclass
@@ -100,13 +101,15 @@ class Recipe:
     as separate processes, one per core, writing into the same results."""
 
     def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True,
-                 stages: Optional[tuple[str, ...]] = None):
+                 stages: Optional[tuple[str, ...]] = None, force: bool = False,
+                 cache_dir: Optional[str] = None):
         unknown = set(stages or ()) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; "
                              f"choose from {', '.join(STAGES)}")
         self.train, self.dev, self.out, self.cfg, self.resume = train, dev, Path(out), cfg, resume
         self.stages = tuple(stages or STAGES)
+        self.force, self.cache_dir = force, cache_dir or str(self.out / "cache")
         self.results_path = self.out / "results.json"
         self.results: dict[str, Any] = {"stages": {}}
         self._reload()
@@ -137,20 +140,19 @@ class Recipe:
         print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
 
     def _done(self, name: str) -> bool:
-        if name not in self.results["stages"]:
+        if name not in self.results["stages"] or (not self.resume and name in self.stages):
             return False
         return name == "untuned" or (self.out / name).exists()
 
     def run(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / "config.json").exists() or self.stages == STAGES:
-            write_json(out / "config.json", {"train": self.train, "dev": self.dev, **cfg.to_dict()})
+        claim_run_folder(out, self.force)
+        self._write_config()
         base = load_model(cfg.model)
         if cfg.language_token:
             base.extra_config["language_tokens"] = {cfg.language: cfg.language_token}
         start = time.perf_counter()
-        data = load_data(base, self.train, self.dev, cfg.language, str(out / "cache"))
+        data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir)
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
         if "untuned" in self.stages and not self._done("untuned"):
@@ -198,6 +200,15 @@ class Recipe:
             self._stage("final", data, final, rank=cfg.shear.rank, init=cfg.shear.init)
         self._summarise()
         return self.results
+
+    def _write_config(self) -> None:
+        """``OUT/config.json`` records the run; resuming under other settings is refused."""
+        path = self.out / "config.json"
+        new = json.loads(json.dumps({"train": self.train, "dev": self.dev, **self.cfg.to_dict()},
+                                    default=str))
+        if path.exists() and self.resume:
+            check_resumable(self.out, json.loads(path.read_text()), new)
+        write_json(path, new)
 
     def _require(self, name: str) -> None:
         if name not in self.stages:

@@ -15,7 +15,9 @@ from typing import Optional
 import mlx.core as mx
 
 from ..model import Whisper
-from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
+from ..folders import run_folder
+from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
+                     teacher_logits)
 from .losses import LearnableTemperature, distillation_loss
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -44,15 +46,16 @@ def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weig
 
 def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverConfig, out: Path,
             stage: str = "recover", resume: bool = False, fraction: float = 1.0,
-            evaluate: bool = True) -> TrainResult:
+            evaluate: bool = True, force: bool = False) -> TrainResult:
     teacher.freeze()
     temperature = LearnableTemperature(cfg.temperature)
     trainer = Trainer(
         student, distill_loss_fn(teacher, temperature, cfg.ce_weight, cfg.kl_weight), cfg.train,
-        Path(str(out) + ".run"), trainable_filter=["decoder."],
+        run_folder(out), trainable_filter=["decoder."],
         extra_modules={"temperature": temperature},
         evaluate_fn=dev_evaluator(data, cfg.eval_limit) if evaluate else None,
         save_best=model_saver(Path(out), {"stage": stage, "ce_weight": cfg.ce_weight,
-                                          "kl_weight": cfg.kl_weight, **cfg.train.to_dict()}),
+                                          "kl_weight": cfg.kl_weight, **cfg.train.to_dict()}, force),
+        settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction), resume=resume)

@@ -21,7 +21,9 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import Whisper
-from .common import StageData, decoder_input, dev_evaluator, model_saver, teacher_logits
+from ..folders import run_folder
+from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
+                     teacher_logits)
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -97,14 +99,14 @@ def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: Shea
 
 
 def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig, out: Path,
-          resume: bool = False) -> TrainResult:
+          resume: bool = False, force: bool = False) -> TrainResult:
     """``student`` already carries the SVD-initialised low-rank embedding."""
     if not student.dims.embedding_rank:
         raise ValueError("the shear stage needs a student with a low-rank embedding (rank > 0)")
     teacher.freeze()
     temperature = LearnableTemperature(cfg.temperature)
     trainer = Trainer(
-        student, shear_loss_fn(teacher, temperature, cfg), cfg.train, Path(str(out) + ".run"),
+        student, shear_loss_fn(teacher, temperature, cfg), cfg.train, run_folder(out),
         trainable_filter=list(cfg.trainable), extra_modules={"temperature": temperature},
         evaluate_fn=dev_evaluator(data, cfg.eval_limit),
         save_best=model_saver(Path(out), {"stage": "shear", "rank": cfg.rank,
@@ -112,6 +114,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
                                           "input_feature_weight": cfg.input_feature_weight,
                                           "output_feature_weight": cfg.output_feature_weight,
                                           "init": cfg.init, "uniform_mix": cfg.uniform_mix,
-                                          **cfg.train.to_dict()}),
+                                          **cfg.train.to_dict()}, force),
+        settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)

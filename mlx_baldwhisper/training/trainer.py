@@ -29,13 +29,46 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint,
+from ..folders import claim_run_folder
+from .checkpoint import (CKPT_DIR, capture_rng_state, latest_checkpoint, load_checkpoint,
                          read_checkpoint_state, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], tuple[mx.array, dict[str, mx.array]]]
 TrainableFilter = Union[Callable[[str], bool], Sequence[str]]
+
+
+# Settings that may change between a run and its resume: they say how long to train and
+# what to log or keep, not what an optimizer step computes.
+SAFE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "log_every", "keep_checkpoints",
+                          "progress", "plot", "patience"})
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"settings": {"batch_size": 8}} -> {"batch_size": 8}: names as a user writes them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}." if k != "settings" else prefix))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(folder: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Refuse to mix settings across a resume, naming what differs; the few that are safe
+    to change (SAFE_CHANGES, matched by their last name part) are applied with a warning."""
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    changed = {k: (old_flat[k], v) for k, v in new_flat.items() if k in old_flat and old_flat[k] != v}
+    unsafe = {k: d for k, d in changed.items() if k.rsplit(".", 1)[-1] not in SAFE_CHANGES}
+    if unsafe:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
+        raise ValueError(f"{folder} holds a run started with other settings ({listed}). "
+                         f"Rerun with the original settings to resume it, pass --no-resume to "
+                         f"start it over, or choose another --out")
+    for k, (a, b) in changed.items():
+        log.warning("resuming with %s changed from %r to %r", k, a, b)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -232,6 +265,8 @@ class Trainer:
     evaluate_fn(model) -> {metric: value}: run every ``eval_every`` steps and at the
         end; the best model by ``metric`` goes to ``save_best(model, out_dir/"best")``.
     count_fn(batch) -> (items, tokens): for the throughput figures.
+    settings: what else defines the run (the stage's config, the data); saved in every
+        checkpoint, and a resume with different settings is refused (see SAFE_CHANGES).
     With ``config.compile``, batches must be trees of arrays.
     """
 
@@ -248,6 +283,7 @@ class Trainer:
         lower_is_better: bool = True,
         save_best: Optional[Callable[[nn.Module, Path], None]] = None,
         count_fn: Callable[[Any], tuple[int, int]] = count_batch,
+        settings: Optional[Mapping[str, Any]] = None,
     ):
         self.model, self.loss_fn, self.config = model, loss_fn, config
         self.out_dir = Path(out_dir)
@@ -255,6 +291,7 @@ class Trainer:
         self.evaluate_fn, self.metric, self.lower_is_better = evaluate_fn, metric, lower_is_better
         self.save_best = save_best or save_weights
         self.count_fn = count_fn
+        self.settings = dict(settings or {})
         if trainable_filter is not None:
             apply_trainable_filter(model, trainable_filter)
         self.bundle = _Bundle(model, self.extra_modules)
@@ -284,20 +321,23 @@ class Trainer:
         extra = {"trainer": self._counters(), "data": data_state,
                  "schedule": {"optimizer_step": self.step, "lr": lr}}
         path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra,
-                               extra_modules=self.extra_modules, config=self.config.to_dict(),
+                               extra_modules=self.extra_modules, config=self._run_config(),
                                rng_state=rng, keep=self.config.keep_checkpoints)
         self._saved_step = self.step
         return path
+
+    def _run_config(self) -> dict[str, Any]:
+        """TrainConfig keys flat (as older checkpoints have them) plus ``settings``; JSON form."""
+        return json.loads(json.dumps({**self.config.to_dict(), "settings": self.settings}, default=str))
+
+    def _check_settings(self, old: Mapping[str, Any]) -> None:
+        check_resumable(self.out_dir, old, self._run_config())
 
     def _resume(self, batches: BatchSource) -> bool:
         if latest_checkpoint(self.out_dir) is None:
             log.info("no checkpoint in %s: starting from scratch", self.out_dir)
             return False
-        old_cfg = read_checkpoint_state(self.out_dir).get("config", {})
-        diff = {k: (old_cfg.get(k), v) for k, v in self.config.to_dict().items()
-                if k in old_cfg and old_cfg[k] != v}
-        if diff:
-            log.warning("resuming with a changed config (old, new): %s", diff)
+        self._check_settings(read_checkpoint_state(self.out_dir).get("config", {}))
         extra = load_checkpoint(self.out_dir, self.model, self.optimizer,
                                 extra_modules=self.extra_modules)
         t = extra["trainer"]
@@ -388,10 +428,19 @@ class Trainer:
         log.info("step %d: %s (best %s %.4g)", self.step, res, self.metric, self.best)
         return res, better
 
+    def _clear_previous_run(self) -> None:
+        """Starting over in a run folder (ours: claimed above): an older run's checkpoints
+        would otherwise outrank the new ones by step number."""
+        if latest_checkpoint(self.out_dir) is not None:
+            log.warning("starting over in %s: its earlier checkpoints are removed", self.out_dir)
+        shutil.rmtree(self.out_dir / CKPT_DIR, ignore_errors=True)
+        for name in ("metrics.jsonl", "best.json"):
+            (self.out_dir / name).unlink(missing_ok=True)
+
     # -- the loop -----------------------------------------------------------------
 
     def _start(self, batches: BatchSource, resume: bool) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(self.out_dir)
         self._t0 = time.monotonic()
         self._saved_step = -1
         self._reset_counters()
@@ -399,8 +448,7 @@ class Trainer:
             mx.random.seed(self.config.seed)
             np.random.seed(self.config.seed)
             random.seed(self.config.seed)
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()
+            self._clear_previous_run()
         self._build_step_fns()
         self.model.train()
 
@@ -493,7 +541,7 @@ class Trainer:
                             latest_checkpoint(self.out_dir))
             elif self._saved_step != self.step:
                 self._save(*start)
-            log.warning("interrupted at step %d; resume with resume=True from %s",
+            log.warning("interrupted at step %d: rerun the same command to resume (checkpoint %s)",
                         self.step, latest_checkpoint(self.out_dir))
         else:
             if status == "early_stopped":

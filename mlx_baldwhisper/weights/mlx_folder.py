@@ -20,6 +20,7 @@ from .checkpoint import Checkpoint, ModelLoadError
 WEIGHTS = "weights.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocabulary.txt", "tokenizer_config.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "special_tokens_map.json")
+OWN_FILES = frozenset({WEIGHTS, "config.json", *TOKENIZER_FILES})  # all that save() writes
 
 
 def read(path: Path, cfg: dict[str, Any]) -> Checkpoint:
@@ -67,18 +68,37 @@ def save(model, folder: Path, tokenizer_dir: Path | None, source: str) -> None:
                 shutil.copy2(tokenizer_dir / name, folder / name)
 
 
-def save_atomic(model, folder: Path, tokenizer_dir: Path | None, source: str) -> None:
-    """Write to a temporary sibling and rename, so an interrupted save leaves no half folder."""
+def save_atomic(model, folder: Path, tokenizer_dir: Path | None, source: str,
+                force: bool = False) -> None:
+    """Write a complete folder into a temporary sibling, then put it in place.
+
+    An interrupted save leaves no half folder, and only our own earlier output is
+    replaced: a model folder of ours holding nothing but our files is swapped whole;
+    one that also holds other files, or any folder with ``force``, gets our files
+    replaced one by one and keeps the rest. A folder that is not ours is refused.
+    """
+    import os
     import tempfile
 
+    from ..folders import check_output, is_model_folder
+
+    check_output(folder, force=force or is_model_folder(folder))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save(model, tmp, tokenizer_dir, source)
         tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not folder.exists():
+            tmp.rename(folder)
+            return
+        if is_model_folder(folder) and {p.name for p in folder.iterdir()} <= OWN_FILES:
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+            return
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config last
+            os.replace(f, folder / f.name)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

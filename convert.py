@@ -11,7 +11,8 @@ whisper-base that ships with the package).
 import click
 
 from mlx_baldwhisper.cli import friendly_errors
-from mlx_baldwhisper.convert import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, convert
+from mlx_baldwhisper.convert import convert
+from mlx_baldwhisper.surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

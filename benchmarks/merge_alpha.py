@@ -116,7 +116,7 @@ def brief_recovery(model, train, dev, steps: int, size: int = 4, lr: float = 3e-
 
 def recovery_table(ckpt, steps: int, alphas: str, groupings: str, n_train: int, n_dev: int,
                    cache: str | None) -> None:
-    from mlx_baldwhisper.convert import DEFAULT_ALPHA, Surgery, apply_surgery
+    from mlx_baldwhisper.surgery import DEFAULT_ALPHA, Surgery, apply_surgery
     from mlx_baldwhisper.load import build_model
 
     full = build_model(ckpt)
@@ -136,7 +136,7 @@ def recovery_table(ckpt, steps: int, alphas: str, groupings: str, n_train: int, 
 def zero_shot_tables(ckpt, data: Path, alphas: str, pair_alphas: str, groupings: str) -> None:
     import mlx.core as mx
 
-    from mlx_baldwhisper.convert import Surgery, apply_surgery
+    from mlx_baldwhisper.surgery import Surgery, apply_surgery
     from mlx_baldwhisper.load import build_model
 
     full = build_model(ckpt)

@@ -64,7 +64,8 @@ def quality(folder: Path) -> dict:
 
 
 def measure(out: Path, group_size: int, with_quality: bool = False) -> list[dict]:
-    from mlx_baldwhisper.convert import Surgery, convert
+    from mlx_baldwhisper.convert import convert
+    from mlx_baldwhisper.surgery import Surgery
     from mlx_baldwhisper.weights import mlx_folder
 
     rows = []

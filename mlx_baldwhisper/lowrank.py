@@ -1,4 +1,4 @@
-"""BaldWhisper stage 2, "head shearing": a low-rank tied token embedding.
+"""BaldWhisper stage 2, "head shearing": a low-rank tied token embedding and its SVD init.
 
 The V×d embedding E is replaced by A (V×r) · B (r×d). A token looks up its row of
 A and multiplies by B; the output projection runs hidden → Bᵀ → Aᵀ, so logits still
@@ -71,24 +71,3 @@ def factorize(E: np.ndarray, rank: int,
     B = root[:, None] * Vr.T
     err = float(np.linalg.norm(E64 - A @ B) / np.linalg.norm(E64))
     return A.astype(np.float32), B.astype(np.float32), err
-
-
-def shear(ckpt, rank: int, token_weights: Optional[np.ndarray] = None):
-    """A checkpoint whose tied embedding is replaced by its rank-``rank`` factors.
-
-    Returns (new checkpoint, relative reconstruction error ‖E − AB‖/‖E‖).
-    """
-    from .weights.checkpoint import Checkpoint
-
-    key = "decoder.token_embedding.weight"
-    if key not in ckpt.weights:
-        raise ValueError("this model's embedding is already factored; shear the full model")
-    E = np.asarray(ckpt.weights[key], dtype=np.float32)
-    A, B, err = factorize(E, rank, token_weights)
-    weights = {k: v for k, v in ckpt.weights.items() if k != key}
-    weights["decoder.token_embedding.A.weight"] = A
-    weights["decoder.token_embedding.B"] = B
-    dims = ckpt.dims.__class__(**ckpt.dims.to_dict())
-    dims.embedding_rank = rank
-    return Checkpoint(dims, weights, ckpt.source, ckpt.alignment_heads, ckpt.tokenizer_dir,
-                      dict(ckpt.extra)), err

@@ -16,32 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import _blas, cpu_decode, cpu_ops
+from .dims import ModelDimensions
 from .kv_cache import KVCache
 from .lowrank import LowRankEmbedding
-
-
-@dataclass
-class ModelDimensions:
-    n_mels: int = 80
-    n_audio_ctx: int = 1500
-    n_audio_state: int = 512
-    n_audio_head: int = 8
-    n_audio_layer: int = 6
-    n_vocab: int = 51865
-    n_text_ctx: int = 448
-    n_text_state: int = 512
-    n_text_head: int = 8
-    n_text_layer: int = 6
-    # BaldWhisper: rank of the factored tied embedding (None = full embedding).
-    embedding_rank: Optional[int] = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelDimensions":
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> mx.array:

@@ -15,7 +15,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=SHARED_REASON)
 
 
 def tiny_dims(**kw):
-    from mlx_baldwhisper.model import ModelDimensions
+    from mlx_baldwhisper.dims import ModelDimensions
 
     base = dict(n_mels=80, n_audio_ctx=1500, n_audio_state=32, n_audio_head=2, n_audio_layer=1,
                 n_vocab=51865, n_text_ctx=448, n_text_state=32, n_text_head=2, n_text_layer=4)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from mlx_baldwhisper import load_model
-from mlx_baldwhisper.convert import Surgery, apply_surgery, convert
+from mlx_baldwhisper.convert import convert
+from mlx_baldwhisper.surgery import Surgery, apply_surgery
 from mlx_baldwhisper.load import build_model
 from mlx_baldwhisper.merge import make_plan, parse_groups, removal_plan
 from mlx_baldwhisper.weights import read_checkpoint
@@ -165,7 +166,8 @@ def test_existing_folder_needs_force(tmp_path):
     with pytest.raises(FileExistsError, match="not a folder"):
         convert(FIXTURE, str(tmp_path / "file"), "float32", log=lambda *_: None)
     convert(FIXTURE, str(out), "float32", Surgery(merge=True), force=True, log=lambda *_: None)
-    assert not (out / "keep.txt").exists() and load_model(str(out)).dims.n_text_layer == 2
+    # --force writes our files into the folder; the user's file is never deleted (issue 11)
+    assert (out / "keep.txt").read_text() == "mine" and load_model(str(out)).dims.n_text_layer == 2
 
 
 def test_a_failed_write_leaves_no_half_folder(tmp_path, monkeypatch):

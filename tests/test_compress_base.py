@@ -12,7 +12,8 @@ import pytest
 
 import mlx_baldwhisper as mbw
 from conftest import assert_words_inside_segments
-from mlx_baldwhisper.convert import Surgery, convert, fixed_positions
+from mlx_baldwhisper.convert import convert, fixed_positions
+from mlx_baldwhisper.surgery import Surgery
 
 pytestmark = pytest.mark.slow
 BASE_CONVENTIONAL = 72.6e6

@@ -13,7 +13,8 @@ import soundfile as sf
 
 from mlx_baldwhisper.decoding import DecodingOptions
 from mlx_baldwhisper.evaluate import evaluate, normalize, save_hypotheses
-from mlx_baldwhisper.model import ModelDimensions, Whisper
+from mlx_baldwhisper.dims import ModelDimensions
+from mlx_baldwhisper.model import Whisper
 from mlx_baldwhisper.tokenizer import get_tokenizer
 from mlx_baldwhisper.training.data import Example, FeatureCache, prepare
 from mlx_baldwhisper.weights import embedded

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from conftest import tiny_model
 from mlx_baldwhisper import load_model
 from mlx_baldwhisper.cli import main
-from mlx_baldwhisper.convert import Surgery, break_even_rank, check_request, convert
+from mlx_baldwhisper.convert import convert
+from mlx_baldwhisper.surgery import Surgery, break_even_rank, check_request
 from mlx_baldwhisper.folders import MARKER, OutputExistsError, is_model_folder, run_folder
 from mlx_baldwhisper.training.common import save_model_folder
 from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig

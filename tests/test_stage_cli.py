@@ -137,8 +137,9 @@ def test_gitignore_covers_the_readme_outputs():
     assert {"mlx_models/", "out/"} <= set(ignored)
 
 
-def test_shear_recovers_a_model_factored_by_convert(corpus):
-    from mlx_baldwhisper.convert import Surgery, convert
+def test_shear_recovers_a_model_factored_by_convert(corpus, caplog):
+    from mlx_baldwhisper.convert import convert
+    from mlx_baldwhisper.surgery import Surgery
 
     bald = corpus / "bald"
     convert(str(corpus / "start"), str(bald), "float32", Surgery(merge=True, rank=8), log=lambda *_: None)
@@ -147,6 +148,4 @@ def test_shear_recovers_a_model_factored_by_convert(corpus):
     assert r.exit_code == 0, r.output
     cfg = json.loads((corpus / "recovered" / "config.json").read_text())
     assert cfg["embedding_rank"] == 8 and cfg["n_text_layer"] == 2 and cfg["surgery"]["recovered"]
-    r = run(stage(corpus, "shear", str(corpus / "again"), "--teacher", str(corpus / "start"),
-                  "--student", str(bald), "--rank", "4"))
-    assert r.exit_code == 2 and "already factored at rank 8" in r.output
+    assert any("already factored at rank 8: training at that rank, not 96" in m for m in caplog.messages)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_baldwhisper.model import ModelDimensions, Whisper
+from mlx_baldwhisper.dims import ModelDimensions
+from mlx_baldwhisper.model import Whisper
 from mlx_baldwhisper.training.checkpoint import latest_checkpoint, load_checkpoint
 from mlx_baldwhisper.training.losses import (LearnableTemperature, cross_entropy,
                                              distillation_loss)

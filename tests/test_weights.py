@@ -19,7 +19,7 @@ import pytest
 
 from mlx_baldwhisper import ModelLoadError
 from mlx_baldwhisper.load import build_model, load_model
-from mlx_baldwhisper.model import ModelDimensions
+from mlx_baldwhisper.dims import ModelDimensions
 from mlx_baldwhisper.weights import Checkpoint, embedded, openai_pt, read_checkpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"

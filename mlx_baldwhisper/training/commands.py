@@ -155,23 +155,40 @@ def finish(result, out: str) -> None:
     click.echo(f"{result.status} after {result.step} steps; {scores}; model: {out}")
 
 
-def register_training_commands(main: click.Group, friendly: Callable) -> None:
-    @main.command("finetune")
-    @click.option("--model", default=None, help="Starting model (default: the embedded base).")
-    @click.option("--full", is_flag=True, help="Train the encoder too (slow; no feature cache).")
-    @stage_command
-    @friendly
-    def finetune_cmd(opts: StageOptions, model, full):
-        """Fine-tune on a language (the teacher)."""
-        from ..load import load_model
-        from .finetune import finetune
+def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
+    """One subcommand per Stage: its model options, its own options, the shared ones."""
+    roles = {i.option.lstrip("-").replace("-", "_"): i for i in stage.inputs}
 
+    def run(opts: StageOptions, **values: Any) -> None:
+        from ..load import load_model
+        from .stage import StageInputs
+
+        given = {name: values.pop(name) for name in roles}
         cfg = opts.config()
-        cfg.finetune.freeze_encoder = not full
+        stage.configure(cfg, **values)
         opts.check_outputs()
-        m = opts.with_language_token(load_model(model or cfg.model), cfg.language_token)
-        finish(finetune(m, opts.data(m, not full), cfg.finetune, Path(opts.out), resume=opts.resume,
-                        force=opts.force), opts.out)
+        models = {i.role: opts.with_language_token(load_model(given[name] or cfg.model), cfg.language_token)
+                  for name, i in roles.items() if given[name] or i.role == "base"}
+        data = opts.data(next(iter(models.values())), freeze_encoder=not values.get("full", False))
+        inputs = StageInputs(models, data, cfg, lambda: (cfg.alpha, cfg.beta), opts.resume, opts.force)
+        finish(stage.train(stage.student(inputs), inputs, Path(opts.out)), opts.out)
+
+    run.__name__, run.__doc__ = f"{stage.command}_cmd", stage.summary
+    command = stage_command(friendly(run))
+    for opt in reversed(stage.options):
+        command = opt(command)
+    for name, i in reversed(list(roles.items())):
+        command = click.option(i.option, name, required=i.required, default=None, help=i.help)(command)
+    main.command(stage.command)(command)
+
+
+def register_training_commands(main: click.Group, friendly: Callable) -> None:
+    from .recipe import STEPS
+    from .stages import STAGES
+
+    for stage in STAGES:
+        if stage.command:
+            stage_subcommand(main, friendly, stage)
 
     @main.command("merge-search")
     @click.option("--teacher", required=True, help="The fine-tuned model folder.")
@@ -193,58 +210,6 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         click.echo(f"best alpha={found['alpha']:g} beta={found['beta']:g}: dev WER "
                    f"{100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%; trials: "
                    f"{Path(opts.out) / 'trials.jsonl'}")
-
-    @main.command("recover")
-    @click.option("--teacher", required=True, help="The fine-tuned (uncompressed) model folder.")
-    @click.option("--student", default=None, help="A merged folder (default: merge the teacher).")
-    @click.option("--alpha", default=None, type=click.FloatRange(min=0),
-                  help="Weight of the lower layers when merging (default: the config's, 0.1).")
-    @click.option("--beta", default=None, type=click.FloatRange(min=0),
-                  help="Weight of the upper layer when merging (default: the config's, 1).")
-    @click.option("--merge-groups", default=None,
-                  help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: the config's, "
-                       "else adjacent pairs).")
-    @stage_command
-    @friendly
-    def recover_cmd(opts: StageOptions, teacher, student, alpha, beta, merge_groups):
-        """Distil the frozen teacher into a merged decoder: λ·CE + γ·KL, learnable temperature."""
-        from ..load import load_model
-        from .merge_search import merged_student
-        from .recover import recover
-
-        cfg = opts.config()
-        opts.check_outputs()
-        t = opts.with_language_token(load_model(teacher), cfg.language_token)
-        s = (opts.with_language_token(load_model(student), cfg.language_token) if student else
-             merged_student(t, cfg.alpha if alpha is None else alpha, cfg.beta if beta is None else beta,
-                            merge_groups or cfg.merge_groups))
-        finish(recover(s, t, opts.data(t), cfg.recover, Path(opts.out), resume=opts.resume,
-                       force=opts.force), opts.out)
-
-    @main.command("shear")
-    @click.option("--teacher", required=True, help="The fine-tuned (uncompressed) model folder.")
-    @click.option("--student", required=True,
-                  help="The recovered merged model folder (or one already factored by convert.py --rank).")
-    @click.option("--rank", default=None, type=POSITIVE, help="Embedding rank (default: the config's, 96).")
-    @stage_command
-    @friendly
-    def shear_cmd(opts: StageOptions, teacher, student, rank):
-        """Low-rank embedding by (frequency-weighted) SVD, then feature distillation against the teacher."""
-        from ..load import load_model
-        from .shear import shear, sheared_student
-
-        cfg = opts.config()
-        opts.check_outputs()
-        t = opts.with_language_token(load_model(teacher), cfg.language_token)
-        merged = opts.with_language_token(load_model(student), cfg.language_token)
-        factored = merged.dims.embedding_rank
-        if factored and rank and rank != factored:
-            raise click.BadParameter(f"the student is already factored at rank {factored}", param_hint="--rank")
-        cfg.shear.rank = factored or rank or cfg.shear.rank
-        data = opts.data(t)
-        s = merged if factored else sheared_student(merged, data, cfg.shear)
-        finish(shear(s, t, data, cfg.shear, Path(opts.out), resume=opts.resume, force=opts.force),
-               opts.out)
 
     @main.command("evaluate")
     @click.option("--model", default=None, help="Model folder, .pt file or embedded name (default: base).")
@@ -278,9 +243,9 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
 
     @main.command("recipe")
     @click.option("--stages", default=None,
-                  help="Comma-separated subset of untuned,teacher,search,merged,removed,final "
-                       "(default: all). Needed earlier stages are loaded from --out, so "
-                       "independent stages can run in parallel processes.")
+                  help=f"Comma-separated subset of {','.join(STEPS)} (default: all). Needed earlier "
+                       f"stages are loaded from --out, so independent stages can run in parallel "
+                       f"processes.")
     @stage_command
     @friendly
     def recipe_cmd(opts: StageOptions, stages):

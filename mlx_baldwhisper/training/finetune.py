@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..model import Whisper
+import click
+
 from ..folders import run_folder
+from ..model import Whisper
 from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
+from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -41,3 +44,19 @@ def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
         settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)
+
+
+def _configure(cfg, full: bool = False) -> None:
+    cfg.finetune.freeze_encoder = not full
+
+
+STAGE = Stage(
+    name="teacher", command="finetune", config="finetune",
+    summary="Fine-tune on a language (the teacher).",
+    inputs=(ModelInput("base", "--model", "Starting model (default: the config's, else the embedded base).",
+                       required=False),),
+    student=lambda i: i.models["base"],
+    train=lambda s, i, out: finetune(s, i.data, i.cfg.finetune, out, resume=i.resume, force=i.force),
+    options=(click.option("--full", is_flag=True, help="Train the encoder too (slow; no feature cache)."),),
+    configure=_configure,
+)

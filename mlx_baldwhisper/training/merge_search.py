@@ -17,9 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from ..convert import Surgery, apply_surgery
 from ..folders import claim_run_folder
-from ..load import build_model, checkpoint_from_model
+from ..surgery import Surgery, compress
 from ..model import Whisper
 from .common import StageData, dev_evaluator
 from .recover import RecoverConfig, recover
@@ -35,15 +34,6 @@ class MergeSearchConfig:
         train=TrainConfig(lr=1e-4, warmup_steps=5, max_steps=30, plot=False, progress=False)))
 
 
-def merged_student(teacher: Whisper, alpha: float, beta: float,
-                   groups: Optional[str] = None) -> Whisper:
-    """``groups`` as in ``convert.py --merge-groups`` (None: the paper's adjacent pairs)."""
-    surgery = Surgery(merge=True, merge_groups=groups, alpha=alpha, beta=beta)
-    student = build_model(apply_surgery(checkpoint_from_model(teacher), surgery))
-    student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
-    return student
-
-
 def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
                  groups: Optional[str] = None) -> dict:
     """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``."""
@@ -53,7 +43,7 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
     with open(out / "trials.jsonl", "w") as log:
         for r in cfg.ratios:
             start = time.perf_counter()
-            student = merged_student(teacher, r, 1.0 - r, groups)
+            student = compress(teacher, Surgery(merge=True, merge_groups=groups, alpha=r, beta=1.0 - r))
             rec = replace(cfg.recover, eval_limit=cfg.dev_limit)
             recover(student, teacher, data, rec, out / f"trial-r{r:g}", stage="merge-search",
                     fraction=cfg.train_fraction, evaluate=False)

@@ -14,20 +14,22 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Mapping, Optional
 
-from ..convert import Surgery, apply_surgery
 from ..decoding import DecodingOptions
 from ..evaluate import evaluate, save_hypotheses
 from ..folders import claim_run_folder
-from ..load import build_model, checkpoint_from_model, load_model
+from ..load import load_model
 from ..model import Whisper
-from .common import StageData, load_data, write_json
-from .finetune import FinetuneConfig, finetune
-from .merge_search import MergeSearchConfig, merge_search, merged_student
-from .recover import RecoverConfig, recover
-from .shear import ShearConfig, shear, sheared_student
-from .trainer import TrainConfig, check_resumable
+from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA
+from .common import load_data, write_json
+from .finetune import FinetuneConfig
+from .merge_search import MergeSearchConfig, merge_search
+from .recover import RecoverConfig
+from .shear import ShearConfig
+from .stage import Stage, StageInputs
+from .stages import BY_NAME, STAGES
+from .trainer import check_resumable
 
 
 @dataclass
@@ -38,8 +40,8 @@ class RecipeConfig:
     language_token: Optional[str] = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     search: Optional[MergeSearchConfig] = field(default_factory=MergeSearchConfig)
-    alpha: float = 0.1  # used when search is None
-    beta: float = 1.0
+    alpha: float = DEFAULT_ALPHA  # used when search is None
+    beta: float = DEFAULT_BETA
     # Which decoder layers merge (``convert.py --merge-groups`` syntax); None is the paper's
     # adjacent pairs "0,1;2,3;4,5". The layer-removal baseline keeps as many layers.
     merge_groups: Optional[str] = None
@@ -91,7 +93,28 @@ def _params(model: Whisper) -> int:
     return sum(v.size for _, v in tree_flatten(model.parameters()))
 
 
-STAGES = ("untuned", "teacher", "search", "merged", "removed", "final")
+STEPS = ("untuned", "search", *(s.name for s in STAGES))  # what --stages may name
+
+
+class _StageModels(Mapping[str, Whisper]):
+    """The models stages start from, by role: the base model, then each stage's model,
+    trained (or loaded from OUT) the first time a later stage asks for it."""
+
+    def __init__(self, recipe: "Recipe", base: Whisper):
+        self.recipe, self.models = recipe, {"base": base}
+
+    def __getitem__(self, role: str) -> Whisper:
+        if role not in self.models:
+            if role not in BY_NAME:
+                raise KeyError(role)
+            self.models[role] = self.recipe.train_stage(BY_NAME[role])
+        return self.models[role]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["base", *BY_NAME])
+
+    def __len__(self) -> int:
+        return 1 + len(BY_NAME)
 
 
 class Recipe:
@@ -103,12 +126,12 @@ class Recipe:
     def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True,
                  stages: Optional[tuple[str, ...]] = None, force: bool = False,
                  cache_dir: Optional[str] = None):
-        unknown = set(stages or ()) - set(STAGES)
+        unknown = set(stages or ()) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; "
-                             f"choose from {', '.join(STAGES)}")
+                             f"choose from {', '.join(STEPS)}")
         self.train, self.dev, self.out, self.cfg, self.resume = train, dev, Path(out), cfg, resume
-        self.stages = tuple(stages or STAGES)
+        self.stages = tuple(stages or STEPS)
         self.force, self.cache_dir = force, cache_dir or str(self.out / "cache")
         self.results_path = self.out / "results.json"
         self.results: dict[str, Any] = {"stages": {}}
@@ -127,7 +150,8 @@ class Recipe:
         self._reload()
         write_json(self.results_path, self.results)
 
-    def _record(self, name: str, model: Whisper, seconds: float, data: StageData, **extra) -> None:
+    def _record(self, name: str, model: Whisper, seconds: float, **extra) -> None:
+        data = self.inputs.data
         options = DecodingOptions(without_timestamps=True, temperature=0.0,
                                   sample_len=self.cfg.eval_sample_len)
         r = evaluate(model, data.dev, language=data.language, batch_size=self.cfg.eval_batch_size,
@@ -145,8 +169,8 @@ class Recipe:
         return name == "untuned" or (self.out / name).exists()
 
     def run(self) -> dict[str, Any]:
-        cfg, out = self.cfg, self.out
-        claim_run_folder(out, self.force)
+        cfg = self.cfg
+        claim_run_folder(self.out, self.force)
         self._write_config()
         base = load_model(cfg.model)
         if cfg.language_token:
@@ -155,51 +179,49 @@ class Recipe:
         data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir)
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
+        self.inputs = StageInputs(_StageModels(self, base), data, cfg, self._merge_weights,
+                                  self.resume, self.force)
         if "untuned" in self.stages and not self._done("untuned"):
-            self._record("untuned", base, 0.0, data)
-        if self.stages == ("untuned",):
-            self._summarise()
-            return self.results
-
-        teacher = self._stage("teacher", data, lambda: (base, finetune(base, data, cfg.finetune, out / "teacher",
-                                                                       resume=self.resume)))
-        alpha, beta = cfg.alpha, cfg.beta
-        wanted = set(self.stages)
-        if cfg.search is not None and wanted & {"search", "merged", "final"}:
-            self._reload()
-            if "search" not in self.results:
-                self._require("search")
-                t0 = time.perf_counter()
-                found = merge_search(teacher, data, cfg.search, out / "search", cfg.merge_groups)
-                found["seconds"] = round(time.perf_counter() - t0, 1)
-                self.results["search"] = found
-                self._save_results()
-            alpha, beta = self.results["search"]["alpha"], self.results["search"]["beta"]
-
-        def merged():
-            student = merged_student(teacher, alpha, beta, cfg.merge_groups)
-            return student, recover(student, teacher, data, cfg.recover, out / "merged", resume=self.resume)
-
-        def removed():
-            keep = merged_layer_count(teacher, cfg)  # as many layers as merging leaves
-            student = build_model(apply_surgery(checkpoint_from_model(teacher), Surgery(drop=keep)))
-            student.tokenizer_dir, student.source = teacher.tokenizer_dir, teacher.source
-            return student, recover(student, teacher, data, cfg.recover, out / "removed",
-                                    stage="recover-removed", resume=self.resume)
-
-        if wanted & {"merged", "final"}:
-            merged_model = self._stage("merged", data, merged, alpha=alpha, beta=beta)
-        if "removed" in wanted:
-            self._stage("removed", data, removed)
-
-        def final():
-            student = sheared_student(merged_model, data, cfg.shear)
-            return student, shear(student, teacher, data, cfg.shear, out / "final", resume=self.resume)
-
-        if "final" in wanted:
-            self._stage("final", data, final, rank=cfg.shear.rank, init=cfg.shear.init)
+            self._record("untuned", base, 0.0)
+        if "search" in self.stages:
+            self._merge_weights()
+        for stage in STAGES:
+            if stage.name in self.stages:
+                self.inputs.models[stage.name]
         self._summarise()
         return self.results
+
+    def _merge_weights(self) -> tuple[float, float]:
+        """α, β from the search (run once, recorded in the results), or from the config."""
+        if self.cfg.search is None:
+            return self.cfg.alpha, self.cfg.beta
+        self._reload()
+        if "search" not in self.results:
+            self._require("search")
+            t0 = time.perf_counter()
+            found = merge_search(self.inputs.models["teacher"], self.inputs.data, self.cfg.search,
+                                 self.out / "search", self.cfg.merge_groups)
+            found["seconds"] = round(time.perf_counter() - t0, 1)
+            self.results["search"] = found
+            self._save_results()
+        return self.results["search"]["alpha"], self.results["search"]["beta"]
+
+    def train_stage(self, stage: Stage) -> Whisper:
+        """A finished stage's model is loaded from OUT; an unfinished one is trained (or resumed)."""
+        self._reload()
+        if self._done(stage.name):
+            print(f"[{stage.name}] already done: {self.out / stage.name}")
+            return load_model(str(self.out / stage.name))
+        self._require(stage.name)
+        t0 = time.perf_counter()
+        result = stage.train(stage.student(self.inputs), self.inputs, self.out / stage.name)
+        seconds = time.perf_counter() - t0
+        if result.status == "interrupted":
+            raise KeyboardInterrupt(f"{stage.name} interrupted at step {result.step}")
+        model = load_model(str(self.out / stage.name))
+        self._record(stage.name, model, seconds, status=result.status, steps=result.step,
+                     **stage.record(self.inputs))
+        return model
 
     def _write_config(self) -> None:
         """``OUT/config.json`` records the run; resuming under other settings is refused."""
@@ -215,21 +237,6 @@ class Recipe:
             raise ValueError(f"stage {name!r} is needed but not selected and not found in {self.out}; "
                              f"run it first (--stages {name})")
 
-    def _stage(self, name: str, data: StageData, run, **extra) -> Whisper:
-        self._reload()
-        if self._done(name):
-            print(f"[{name}] already done: {self.out / name}")
-            return load_model(str(self.out / name))
-        self._require(name)
-        t0 = time.perf_counter()
-        _, result = run()
-        seconds = time.perf_counter() - t0
-        if result.status == "interrupted":
-            raise KeyboardInterrupt(f"{name} interrupted; rerun the same command to resume")
-        model = load_model(str(self.out / name))
-        self._record(name, model, seconds, data, status=result.status, steps=result.step, **extra)
-        return model
-
     def _summarise(self) -> None:
         s = self.results["stages"]
         teacher, final = s.get("teacher"), s.get("final")
@@ -237,14 +244,6 @@ class Recipe:
             self.results["wer_teacher_over_final"] = teacher["wer"] / final["wer"]
         self._save_results()
         (self.out / "results.md").write_text(results_table(self.results))
-
-
-def merged_layer_count(model: Whisper, cfg: RecipeConfig) -> int:
-    """Decoder layers left by merging ``cfg.merge_groups`` (None: adjacent pairs): merge.py's plan."""
-    from ..merge import make_plan, parse_groups
-
-    groups = parse_groups(cfg.merge_groups) if cfg.merge_groups else None
-    return len(make_plan(model.dims.n_text_layer, groups, cfg.alpha, cfg.beta).groups)
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import click
 import mlx.core as mx
 
-from ..model import Whisper
 from ..folders import run_folder
+from ..model import Whisper
+from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .losses import LearnableTemperature, distillation_loss
+from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
 
 
@@ -59,3 +62,65 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction), resume=resume)
+
+
+def merged_student(i: StageInputs) -> Whisper:
+    """A merged folder given outright, else the teacher merged with the chosen α, β."""
+    if "student" in i.models:
+        return i.models["student"]
+    alpha, beta = i.merge_weights()
+    return compress(i.models["teacher"], Surgery(merge=True, merge_groups=i.cfg.merge_groups,
+                                                  alpha=alpha, beta=beta))
+
+
+def merged_layer_count(n_layers: int, groups: Optional[str]) -> int:
+    """Decoder layers left by merging ``groups`` (None: adjacent pairs): merge.py's plan."""
+    from ..merge import make_plan, parse_groups
+
+    return len(make_plan(n_layers, parse_groups(groups) if groups else None, 1.0, 1.0).groups)
+
+
+def removed_student(i: StageInputs) -> Whisper:
+    """The removal baseline: the teacher with as many decoder layers as merging leaves."""
+    teacher = i.models["teacher"]
+    return compress(teacher, Surgery(drop=merged_layer_count(teacher.dims.n_text_layer, i.cfg.merge_groups)))
+
+
+def _configure(cfg, alpha: Optional[float] = None, beta: Optional[float] = None,
+               merge_groups: Optional[str] = None) -> None:
+    cfg.alpha = cfg.alpha if alpha is None else alpha
+    cfg.beta = cfg.beta if beta is None else beta
+    cfg.merge_groups = merge_groups or cfg.merge_groups
+
+
+TEACHER = ModelInput("teacher", "--teacher", "The fine-tuned (uncompressed) model folder.")
+
+MERGED = Stage(
+    name="merged", command="recover", config="recover",
+    summary="Distil the frozen teacher into a merged decoder: λ·CE + γ·KL, learnable temperature.",
+    inputs=(TEACHER, ModelInput("student", "--student", "A merged folder (default: merge the teacher).",
+                                required=False)),
+    student=merged_student,
+    train=lambda s, i, out: recover(s, i.models["teacher"], i.data, i.cfg.recover, out,
+                                    resume=i.resume, force=i.force),
+    options=(
+        click.option("--alpha", type=click.FloatRange(min=0), default=None,
+                     help=f"Weight of the lower layers when merging (default: the config's, {DEFAULT_ALPHA:g})."),
+        click.option("--beta", type=click.FloatRange(min=0), default=None,
+                     help=f"Weight of the upper layer when merging (default: the config's, {DEFAULT_BETA:g})."),
+        click.option("--merge-groups", default=None,
+                     help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: the config's, "
+                          "else adjacent pairs)."),
+    ),
+    configure=_configure,
+    record=lambda i: dict(zip(("alpha", "beta"), i.merge_weights())),
+)
+
+REMOVED = Stage(
+    name="removed", config="recover",
+    summary="The layer-removal baseline, recovered like the merged model.",
+    inputs=(TEACHER,),
+    student=removed_student,
+    train=lambda s, i, out: recover(s, i.models["teacher"], i.data, i.cfg.recover, out,
+                                    stage="recover-removed", resume=i.resume, force=i.force),
+)

@@ -13,19 +13,25 @@ where distance(a, b) = mean|a − b| − mean log σ(cos(a, b)).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import click
 import mlx.core as mx
 import numpy as np
 
-from ..model import Whisper
 from ..folders import run_folder
+from ..model import Whisper
+from ..surgery import Surgery, compress
 from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
+from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
+
+log = logging.getLogger("mlx_baldwhisper")
 
 
 @dataclass
@@ -59,18 +65,19 @@ def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float) -> np.n
 
 
 def sheared_student(merged: Whisper, data: StageData, cfg: ShearConfig) -> Whisper:
-    """The merged model with its embedding factored at ``cfg.rank`` (``cfg.init``)."""
-    from ..convert import Surgery, apply_surgery
-    from ..load import build_model, checkpoint_from_model
-
+    """The merged model with its embedding factored at ``cfg.rank`` (``cfg.init``); a model
+    already factored (``convert.py --rank``) is taken as it is."""
+    if merged.dims.embedding_rank:
+        if merged.dims.embedding_rank != cfg.rank:
+            log.warning("the student is already factored at rank %d: training at that rank, "
+                        "not %d", merged.dims.embedding_rank, cfg.rank)
+            cfg.rank = merged.dims.embedding_rank
+        return merged
     if cfg.init not in ("svd", "frequency"):
         raise ValueError(f"shear init must be 'svd' or 'frequency', not {cfg.init!r}")
     weights = (token_frequencies(data, merged.dims.n_vocab, cfg.uniform_mix)
                if cfg.init == "frequency" else None)
-    student = build_model(apply_surgery(checkpoint_from_model(merged),
-                                        Surgery(rank=cfg.rank, token_weights=weights)))
-    student.tokenizer_dir, student.source = merged.tokenizer_dir, merged.source
-    return student
+    return compress(merged, Surgery(rank=cfg.rank, token_weights=weights))
 
 
 def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig):
@@ -118,3 +125,23 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
         settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)
+
+
+def _configure(cfg, rank: Optional[int] = None) -> None:
+    cfg.shear.rank = rank or cfg.shear.rank
+
+
+STAGE = Stage(
+    name="final", command="shear", config="shear",
+    summary="Low-rank embedding by (frequency-weighted) SVD, then feature distillation against the teacher.",
+    inputs=(ModelInput("teacher", "--teacher", "The fine-tuned (uncompressed) model folder."),
+            ModelInput("merged", "--student", "The recovered merged model folder (or one already "
+                                              "factored by convert.py --rank).")),
+    student=lambda i: sheared_student(i.models["merged"], i.data, i.cfg.shear),
+    train=lambda s, i, out: shear(s, i.models["teacher"], i.data, i.cfg.shear, out,
+                                  resume=i.resume, force=i.force),
+    options=(click.option("--rank", type=click.IntRange(min=1), default=None,
+                          help="Embedding rank (default: the config's, 96; a factored student's own)."),),
+    configure=_configure,
+    record=lambda i: {"rank": i.cfg.shear.rank, "init": i.cfg.shear.init},
+)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..model import ModelDimensions
+from ..dims import ModelDimensions
 
 
 class ModelLoadError(ValueError):

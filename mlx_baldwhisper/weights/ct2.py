@@ -16,7 +16,7 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
-from ..model import ModelDimensions
+from ..dims import ModelDimensions
 from .checkpoint import Checkpoint, ModelLoadError, conv_to_mlx, split_rows
 
 DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}

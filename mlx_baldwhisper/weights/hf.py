@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..model import ModelDimensions
+from ..dims import ModelDimensions
 from .checkpoint import Checkpoint, ModelLoadError, conv_to_mlx
 
 # Inside one layer: transformers module name -> ours.

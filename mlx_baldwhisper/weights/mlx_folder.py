@@ -14,7 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..model import ModelDimensions
+from ..dims import ModelDimensions
 from .checkpoint import Checkpoint, ModelLoadError
 
 WEIGHTS = "weights.safetensors"
@@ -35,7 +35,7 @@ def read(path: Path, cfg: dict[str, Any]) -> Checkpoint:
             weights.update(mx.load(str(f)))
         except Exception as e:  # mx.load raises bare RuntimeError/ValueError on corrupt files
             raise ModelLoadError(f"{f} is corrupt or unreadable: {e}") from None
-    dims = ModelDimensions.from_dict(cfg.get("dims", cfg))
+    dims = ModelDimensions.from_dict(cfg["dims"]) if "dims" in cfg else ModelDimensions.from_config(cfg)
     extra = {k: cfg[k] for k in ("surgery", "quantization", "training", "language_tokens") if k in cfg}
     return Checkpoint(
         dims, weights, source=cfg.get("source", f"mlx:{path}"),

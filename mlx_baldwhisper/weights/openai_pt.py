@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 
-from ..model import ModelDimensions
+from ..dims import ModelDimensions
 from . import embedded
 from .checkpoint import Checkpoint, ModelLoadError, conv_to_mlx
 

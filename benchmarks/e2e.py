@@ -51,7 +51,7 @@ def load_clips(folder: Path, limit: Optional[int] = None) -> dict[str, np.ndarra
     from mlx_baldwhisper.audio import load_audio
 
     if folder.is_file():
-        from mlx_baldwhisper.training.data import read_manifest
+        from mlx_baldwhisper.dataset import read_manifest
 
         files = [Path(x.audio) for x in read_manifest(str(folder))][:limit]
     else:

@@ -24,7 +24,7 @@ import mlx_baldwhisper  # noqa: F401  before mlx.core: selects the optimised BLA
 
 
 def _subset(manifest: str, n: int, folder: Path) -> str:
-    from mlx_baldwhisper.training.data import read_manifest
+    from mlx_baldwhisper.dataset import read_manifest
 
     items = read_manifest(manifest)[:n]
     path = folder / "subset.tsv"

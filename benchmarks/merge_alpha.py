@@ -67,8 +67,9 @@ def hausa_set(model, split: str, n: int, cache_dir: str | None = None):
     """The first ``n`` clips of a Hausa split, batched (with cached encoder features) by
     the training code's own :class:`Batcher`."""
     from mlx_baldwhisper.decoding import tokenizer_for
-    from mlx_baldwhisper.training.data import (Batcher, FeatureCache, encoder_fingerprint, prepare,
-                                               read_split)
+    from mlx_baldwhisper.dataset import prepare, read_split
+    from mlx_baldwhisper.features import FeatureCache, encoder_fingerprint
+    from mlx_baldwhisper.training.data import Batcher
 
     tk = tokenizer_for(model, "ha", "transcribe")
     items, _ = prepare(read_split(HAUSA, split, "ha")[:n], tk, model.dims.n_mels)

@@ -47,7 +47,7 @@ def quality(folder: Path) -> dict:
     from mlx_baldwhisper import load_model
     from mlx_baldwhisper.decoding import DecodingOptions
     from mlx_baldwhisper.evaluate import evaluate
-    from mlx_baldwhisper.training.data import read_manifest
+    from mlx_baldwhisper.dataset import read_manifest
 
     sys.path.insert(0, str(Path(__file__).parent))
     from merge_alpha import DATA, reference_set, score

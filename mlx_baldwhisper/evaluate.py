@@ -35,9 +35,8 @@ from .audio import AudioError
 from .decoding import DecodingOptions, decode_features
 from .model import Whisper
 from .tokenizer import Tokenizer
-from .training.data import (
-    ClipTooLongError, Example, FeatureCache, TokenizedExample, encode_mels, load_mel,
-)
+from .dataset import ClipTooLongError, Example, TokenizedExample, load_mel
+from .features import FeatureCache, encode_mels
 
 log = logging.getLogger(__name__)
 

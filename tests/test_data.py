@@ -14,10 +14,12 @@ import soundfile as sf
 
 from mlx_baldwhisper.audio import N_FRAMES
 from mlx_baldwhisper.tokenizer import UnknownLanguageError, get_tokenizer
-from mlx_baldwhisper.training.data import (
-    Batcher, Example, FeatureCache, ManifestError, TokenizedExample, hf_audio, prepare,
-    read_hf_dataset, read_manifest, read_split,
+from mlx_baldwhisper.dataset import (
+    Example, ManifestError, TokenizedExample, hf_audio, prepare, read_hf_dataset, read_manifest,
+    read_split,
 )
+from mlx_baldwhisper.features import FeatureCache
+from mlx_baldwhisper.training.data import Batcher
 from mlx_baldwhisper.weights import embedded
 
 

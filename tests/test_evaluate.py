@@ -16,7 +16,8 @@ from mlx_baldwhisper.evaluate import evaluate, normalize, save_hypotheses
 from mlx_baldwhisper.dims import ModelDimensions
 from mlx_baldwhisper.model import Whisper
 from mlx_baldwhisper.tokenizer import get_tokenizer
-from mlx_baldwhisper.training.data import Example, FeatureCache, prepare
+from mlx_baldwhisper.dataset import Example, prepare
+from mlx_baldwhisper.features import FeatureCache
 from mlx_baldwhisper.weights import embedded
 
 FAST = DecodingOptions(language="en", without_timestamps=True, temperature=0.0, sample_len=5)

@@ -227,7 +227,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         from ..decoding import DecodingOptions
         from ..evaluate import evaluate, save_hypotheses
         from ..load import load_model
-        from .data import read_manifest
+        from ..dataset import read_manifest
 
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
         r = evaluate(load_model(model), read_manifest(manifest, language=language), language=language,

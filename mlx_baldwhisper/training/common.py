@@ -21,8 +21,9 @@ from ..decoding import tokenizer_for
 from ..evaluate import evaluate
 from ..model import Whisper
 from ..weights import mlx_folder
-from .data import (Batcher, FeatureCache, TokenizedExample, encoder_fingerprint, prepare,
-                   read_manifest)
+from ..dataset import TokenizedExample, prepare, read_manifest
+from ..features import FeatureCache, encoder_fingerprint
+from .data import Batcher
 from .losses import cross_entropy
 
 log = logging.getLogger("mlx_baldwhisper")

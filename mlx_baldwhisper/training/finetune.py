@@ -17,7 +17,7 @@ import click
 from ..folders import run_folder
 from ..model import Whisper
 from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
-from .stage import ModelInput, Stage, StageInputs
+from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
 

@@ -28,7 +28,7 @@ from ..surgery import Surgery, compress
 from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
-from .stage import ModelInput, Stage, StageInputs
+from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
 log = logging.getLogger("mlx_baldwhisper")

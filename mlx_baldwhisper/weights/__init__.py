@@ -28,7 +28,9 @@ def read_checkpoint(path_or_name: str | os.PathLike | None = None) -> Checkpoint
     if path.is_absolute() or name.startswith(".") or os.sep in name and name.count("/") != 1:
         raise ModelLoadError(f"model path {name!r} does not exist")
     from . import hf
-    return hf.read_hub(name)
+    ckpt = read_folder(hf.download(name))
+    ckpt.source = f"hf-hub:{name}"
+    return ckpt
 
 
 def read_folder(path: Path) -> Checkpoint:

@@ -169,8 +169,8 @@ def _has_weights(folder: Path) -> bool:
         "weights.safetensors", "weights.npz"))
 
 
-def read_hub(repo_id: str) -> Checkpoint:
-    """Download (or reuse the cached) config, weights and tokenizer, then read the folder."""
+def download(repo_id: str) -> Path:
+    """Download (or reuse the cached) config, weights and tokenizer; the local folder."""
     offline_msg = (f"cannot download {repo_id} from the Hugging Face Hub (offline?); "
                    "pass a local path or use the embedded default model")
     try:
@@ -192,8 +192,4 @@ def read_hub(repo_id: str) -> Checkpoint:
                              "(or it is private or gated)") from None
     except Exception:  # network, timeout, not cached while offline
         raise ModelLoadError(offline_msg) from None
-    from . import read_folder as read_any_folder
-
-    ckpt = read_any_folder(folder)
-    ckpt.source = f"hf-hub:{repo_id}"
-    return ckpt
+    return folder

@@ -2,6 +2,7 @@
 
 Several files are transcribed together: each file is a stream with its own seek
 position, and the current windows of all streams are encoded and decoded as one batch.
+``clip_timestamps`` and ``hallucination_silence_threshold`` follow openai-whisper.
 """
 
 from __future__ import annotations
@@ -9,22 +10,27 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE,
+from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError,
                     load_audio, log_mel_spectrogram, pad_or_trim)
 from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
 from .load import load_model
 from .model import Whisper
 from .tokenizer import LANGUAGES, language_code
+from .writers import format_timestamp
 
 AudioInput = Union[str, os.PathLike, np.ndarray, mx.array]
 INPUT_STRIDE = 2  # mel frames per encoder output position
 TIME_PRECISION = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timestamp token
+# A segment whose words score this odd (improbable, clipped or stretched; see _oddness),
+# or as odd as it has words, is a likely hallucination.
+ODD_SEGMENT_SCORE = 3.0
+EDGE_SECONDS = 2.0  # a segment this close to the end of the decoded audio may be cut off
 
 _MODELS: dict[tuple[str, str], Whisper] = {}
 
@@ -43,9 +49,11 @@ def _model(path_or_hf_repo, dtype) -> Whisper:
 class _Stream:
     """The state of one file being transcribed."""
 
+    name: str
     mel: mx.array
     content_frames: int
     language: Optional[str]
+    clips: list[tuple[int, int]]  # (start, end) frames still to transcribe, in order
     tokens: list[int] = field(default_factory=list)
     segments: list[dict[str, Any]] = field(default_factory=list)
     seek: int = 0
@@ -54,7 +62,49 @@ class _Stream:
 
     @property
     def done(self) -> bool:
-        return self.seek >= self.content_frames
+        return not self.clips
+
+    @property
+    def clip_end(self) -> int:
+        return self.clips[0][1]
+
+    @property
+    def position(self) -> int:
+        """Frames behind us, for the progress bar (all of them once done)."""
+        return self.content_frames if self.done else self.seek
+
+    def next_clip(self) -> None:
+        """Once the seek passes the current clip's end (a window may overshoot it), go on at
+        the start of the next clip; keep the seek inside the current one."""
+        if self.clips and self.seek >= self.clips[0][1]:
+            self.clips.pop(0)
+            if self.clips:
+                self.seek = self.clips[0][0]
+        elif self.clips:
+            self.seek = max(self.seek, self.clips[0][0])
+
+
+def parse_clip_timestamps(clip_timestamps: Union[str, Sequence[float]]) -> list[float]:
+    """openai-whisper's clip list: "start,end,start,end,..." in seconds, the last end optional."""
+    try:
+        points = ([float(t) for t in clip_timestamps.split(",") if t.strip()]
+                  if isinstance(clip_timestamps, str) else [float(t) for t in clip_timestamps])
+    except ValueError:
+        raise ValueError(
+            f"clip_timestamps must be comma-separated seconds, got {clip_timestamps!r}") from None
+    if any(not np.isfinite(t) or t < 0 for t in points):
+        raise ValueError(f"clip_timestamps must be non-negative seconds, got {clip_timestamps!r}")
+    if any(end <= start for start, end in zip(points[::2], points[1::2])):
+        raise ValueError(f"each clip must end after it starts: {clip_timestamps!r}")
+    return points
+
+
+def _clips(points: list[float], content_frames: int) -> list[tuple[int, int]]:
+    frames = [round(t * FRAMES_PER_SECOND) for t in points] or [0]
+    if len(frames) % 2:
+        frames.append(content_frames)
+    clips = [(start, min(end, content_frames)) for start, end in zip(frames[::2], frames[1::2])]
+    return [(start, end) for start, end in clips if start < end]
 
 
 def transcribe(
@@ -71,13 +121,22 @@ def transcribe(
     word_timestamps: bool = False,
     prepend_punctuations: str = "\"'“¿([{-",
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、",
+    clip_timestamps: Union[str, Sequence[float]] = "0",
+    hallucination_silence_threshold: Optional[float] = None,
     dtype: str = "float32",
     batch_size: int = 8,
+    on_audio_error: Optional[Callable[[AudioInput, AudioError], None]] = None,
     **decode_options: Any,
-) -> Union[dict[str, Any], list[dict[str, Any]]]:
+) -> Union[Optional[dict[str, Any]], list[Optional[dict[str, Any]]]]:
     """Transcribe one file/array (returns a dict) or a list of them (returns a list).
 
-    The result has ``text``, ``segments`` and ``language`` as in openai-whisper.
+    The result has ``text``, ``segments`` and ``language`` as in openai-whisper. As there,
+    ``verbose=True`` prints each segment as it is decoded, ``False`` shows a progress bar
+    instead, ``None`` prints nothing. ``clip_timestamps`` ("start,end,..." seconds) limits
+    the audio transcribed; ``hallucination_silence_threshold`` (seconds; needs
+    ``word_timestamps``) skips silences around segments that look hallucinated.
+    An input that cannot be loaded raises AudioError, or, given ``on_audio_error``, is
+    passed to it with the error and gets None as its result while the others go on.
     """
     single = not isinstance(audio, (list, tuple))
     items = [audio] if single else list(audio)
@@ -94,25 +153,48 @@ def transcribe(
     temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
     tokenizer = tokenizer_for(model, language or "en", task)
     initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
+    points = parse_clip_timestamps(clip_timestamps)
+    if hallucination_silence_threshold is not None and not word_timestamps:
+        warnings.warn("hallucination_silence_threshold needs word_timestamps=True; ignored")
+        hallucination_silence_threshold = None
 
-    streams = []
-    for item in items:
-        samples = load_audio(item)
-        mel = log_mel_spectrogram(samples, model.dims.n_mels, padding=N_SAMPLES)
-        content = max(0, mel.shape[0] - N_FRAMES)
-        streams.append(_Stream(mel, content, language, tokens=list(initial)))
+    loaded = [_stream(i, item, model, language, points, initial, on_audio_error)
+              for i, item in enumerate(items)]
+    streams = [s for s in loaded if s is not None]
+    if verbose and language is None and model.is_multilingual:
+        print("Detecting language using up to the first 30 seconds. "
+              "Use `--language` to specify the language")
     total = sum(s.content_frames for s in streams)
     bar = tqdm(total=total, unit="frames", disable=verbose is not False)
     while not all(s.done for s in streams):
         active = [s for s in streams if not s.done][:batch_size]
-        before = [s.seek for s in active]
+        before = [s.position for s in active]
         _window(model, tokenizer, active, options, temperatures, compression_ratio_threshold,
                 logprob_threshold, no_speech_threshold, condition_on_previous_text,
-                word_timestamps, prepend_punctuations, append_punctuations, verbose)
-        bar.update(sum(min(s.seek, s.content_frames) - b for s, b in zip(active, before)))
+                word_timestamps, prepend_punctuations, append_punctuations,
+                hallucination_silence_threshold, verbose, len(streams) > 1)
+        bar.update(sum(s.position - b for s, b in zip(active, before)))
     bar.close()
-    results = [_result(s, tokenizer) for s in streams]
+    results = [None if s is None else _result(s, tokenizer) for s in loaded]
     return results[0] if single else results
+
+
+def _stream(i: int, item: AudioInput, model: Whisper, language: Optional[str], points: list[float],
+            prompt: list[int], on_audio_error: Optional[Callable]) -> Optional[_Stream]:
+    """Load one input; None if it cannot be and ``on_audio_error`` takes the error."""
+    try:
+        samples = load_audio(item)
+    except AudioError as e:
+        if on_audio_error is None:
+            raise
+        on_audio_error(item, e)
+        return None
+    mel = log_mel_spectrogram(samples, model.dims.n_mels, padding=N_SAMPLES)
+    content = max(0, mel.shape[0] - N_FRAMES)
+    name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"audio {i}"
+    s = _Stream(name, mel, content, language, _clips(points, content), tokens=list(prompt))
+    s.next_clip()
+    return s
 
 
 def _result(s: _Stream, tokenizer) -> dict[str, Any]:
@@ -121,8 +203,9 @@ def _result(s: _Stream, tokenizer) -> dict[str, Any]:
 
 
 def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_threshold,
-            ns_threshold, condition, word_timestamps, prepend, append, verbose) -> None:
-    sizes = [min(N_FRAMES, s.content_frames - s.seek) for s in streams]
+            ns_threshold, condition, word_timestamps, prepend, append, silence_threshold,
+            verbose, named) -> None:
+    sizes = [min(N_FRAMES, s.clip_end - s.seek) for s in streams]
     mels = mx.stack([pad_or_trim(s.mel[s.seek:s.seek + n], N_FRAMES, axis=0)
                      for s, n in zip(streams, sizes)])
     features = model.embed_audio(mels.astype(model.dtype))
@@ -131,22 +214,27 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
         langs, _ = detect_language(model, features[mx.array(undetected)], tokenizer)
         for i, lang in zip(undetected, langs):
             streams[i].language = lang
-            if verbose:
-                print(f"Detected language: {LANGUAGES[lang].title()}")
+            if verbose is not None:  # tqdm.write: the progress bar may be on screen
+                tqdm.write(f"{streams[i].name + ': ' if named else ''}"
+                           f"Detected language: {LANGUAGES[lang].title()}")
     for s in streams:
         s.language = s.language or "en"
     results = _decode_with_fallback(model, features, streams, options, temperatures,
                                     cr_threshold, lp_threshold, ns_threshold)
     for i, (s, size, result) in enumerate(zip(streams, sizes, results)):
+        start = s.seek
         if ns_threshold is not None and result.no_speech_prob > ns_threshold and not (
                 lp_threshold is not None and result.avg_logprob > lp_threshold):
             s.seek += size  # silence: skip the window without emitting text
+            s.next_clip()
             continue
         new = _segments(s, size, result, tokenizer)
         if word_timestamps and new:
             from .timing import add_word_timestamps
             add_word_timestamps(new, model, replace(tokenizer, language=s.language),
                                 features[i:i + 1], size, prepend, append, s.last_speech)
+            if silence_threshold is not None:
+                new = _skip_hallucinations(s, new, start, size, silence_threshold, prepend + append)
             words = [w for seg in new for w in seg.get("words", [])]
             if words:
                 s.last_speech = words[-1]["end"]
@@ -156,11 +244,64 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
             seg["id"] = len(s.segments)
             s.segments.append(seg)
             if verbose:
-                print(f"[{_clock(seg['start'])} --> {_clock(seg['end'])}] {seg['text']}")
+                print(f"{s.name + ': ' if named else ''}[{format_timestamp(seg['start'])} --> "
+                      f"{format_timestamp(seg['end'])}] {seg['text']}")
         for seg in new:
             s.tokens.extend(seg["tokens"])
         if not condition or result.temperature > 0.5:
             s.prompt_since = len(s.tokens)
+        s.next_clip()
+
+
+def _frames(seconds: float) -> int:
+    return round(seconds * FRAMES_PER_SECOND)
+
+
+def _oddness(word: dict[str, Any]) -> float:
+    """How unlike real speech a word is: improbable, or clipped (< 0.133 s) or stretched (> 2 s)."""
+    duration = word["end"] - word["start"]
+    return float(word["probability"] < 0.15) + max(0.0, 0.133 - duration) * 15 + max(0.0, duration - 2.0)
+
+
+def _looks_hallucinated(seg: Optional[dict[str, Any]], punctuation: str) -> bool:
+    """Judged on the first eight words: hallucinations are mostly odd from the start."""
+    if seg is None:
+        return False
+    words = [w for w in seg["words"] if w["word"].strip() not in punctuation][:8]
+    score = sum(_oddness(w) for w in words)
+    return score >= ODD_SEGMENT_SCORE or score + 0.01 >= len(words)
+
+
+def _skip_hallucinations(s: _Stream, new: list[dict[str, Any]], start: int, size: int,
+                         threshold: float, punctuation: str) -> list[dict[str, Any]]:
+    """Drop a likely hallucination with more than ``threshold`` seconds of silence before it
+    (and silence, or more doubtful words, after), and everything after it in the window;
+    the next window starts past the silence. Returns the segments kept; moves ``s.seek``.
+    """
+    t_start, t_end = start / FRAMES_PER_SECOND, (start + size) / FRAMES_PER_SECOND
+    spoken = [k for k, seg in enumerate(new) if seg["words"]]
+    if not spoken:
+        return new
+    first = new[spoken[0]]
+    if _looks_hallucinated(first, punctuation) and first["start"] - t_start > threshold:
+        s.seek = max(start + 1, _frames(first["start"]))  # decode again after the silence
+        return []
+    previous_end = s.last_speech
+    for n, k in enumerate(spoken):
+        seg = new[k]
+        following = new[spoken[n + 1]] if n + 1 < len(spoken) else None
+        if _looks_hallucinated(seg, punctuation):
+            next_start = following["words"][0]["start"] if following else t_end
+            quiet_before = seg["start"] - previous_end > threshold
+            quiet_after = (next_start - seg["end"] > threshold or t_end - seg["end"] < EDGE_SECONDS
+                           or _looks_hallucinated(following, punctuation))
+            if quiet_before and quiet_after:
+                s.seek = max(start + FRAMES_PER_SECOND, _frames(seg["start"]))
+                if s.content_frames / FRAMES_PER_SECOND - seg["end"] < threshold:
+                    s.seek = s.content_frames  # only silence and doubtful words remain
+                return new[:k]
+        previous_end = seg["end"]
+    return new
 
 
 def _decode_with_fallback(model, features, streams, options, temperatures, cr_threshold,
@@ -233,8 +374,3 @@ def _segments(s: _Stream, size: int, result: DecodingResult, tokenizer) -> list[
         add(offset, offset + duration, tokens)
         s.seek += size
     return segs
-
-
-def _clock(seconds: float) -> str:
-    m, sec = divmod(seconds, 60)
-    return f"{int(m):02d}:{sec:06.3f}"

@@ -20,7 +20,7 @@ BLAS_PY = ROOT / "mlx_baldwhisper" / "_blas.py"
 
 # Loads _blas.py by path (independent of the rest of the package), optionally after mlx.
 SCRIPT = r"""
-import importlib.util, json, logging, sys
+import importlib.util, json, logging, sys, time
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 if "late" in sys.argv:
     import mlx.core
@@ -29,6 +29,10 @@ blas = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(blas)
 if "nocands" in sys.argv:
     blas.candidates = lambda: []
+if "norebind" in sys.argv:
+    def fail(lib):
+        raise OSError("simulated")
+    blas._rebind_mlx = fail
 first, second = blas.ensure_fast_blas(), blas.ensure_fast_blas()
 import mlx.core as mx
 import numpy as np
@@ -40,17 +44,20 @@ cases = {
     "batched": (r(8, 64, 1500), r(8, 1500, 64), False),
     "transposed": (r(512, 1500), r(2048, 512), True),
 }
-errs = {}
+errs, seconds = {}, {}
 for name, (a, b, tr) in cases.items():
     A, B = mx.array(a), mx.array(b)
+    mx.eval(A, B)
+    start = time.perf_counter()
     y = np.array(A.T @ B.T if tr else A @ B)
+    seconds[name] = time.perf_counter() - start
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     ref = a64.T @ b64.T if tr else a64 @ b64
     errs[name] = float(np.abs(y - ref).max() / np.abs(ref).max())
 m = r(64, 64) + 8 * np.eye(64, dtype=np.float32)  # LAPACK (sgetrf/sgetri) is interposed too
 inv = np.array(mx.linalg.inv(mx.array(m), stream=mx.cpu))
 errs["inv"] = float(np.abs(inv @ m - np.eye(64)).max())
-print(json.dumps({"result": first, "stable": first == second, "errs": errs,
+print(json.dumps({"result": first, "stable": first == second, "errs": errs, "seconds": seconds,
                   "candidates": blas.candidates()}))
 """
 
@@ -104,12 +111,38 @@ def test_opt_out_keeps_reference() -> None:
     assert out["result"] == ("reference" if sys.platform.startswith("linux") else "system")
 
 
-def test_after_mlx_import_it_warns_and_does_not_raise() -> None:
-    out, err = run("late", unset=("LD_PRELOAD",))
+def test_after_mlx_import_it_rebinds_mlx_to_the_fast_blas() -> None:
+    """mlx.core first: libmlx's already-bound BLAS imports are re-pointed, as fast as preloading."""
+    late, err = run("late", unset=("LD_PRELOAD",))
+    check_correct(late)
+    early, _ = run(unset=("LD_PRELOAD",))
+    if early["result"] in ("reference", "system"):
+        pytest.skip("no optimised BLAS here")
+    assert late["result"] == early["result"], err
+    assert "re-bound" in err and "imported before" not in err
+    reference, _ = run(MLX_BALDWHISPER_BLAS="reference")
+    assert late["seconds"]["enc"] < reference["seconds"]["enc"] / 5, (late["seconds"], reference["seconds"])
+
+
+def test_after_mlx_import_a_failed_rebind_warns_once_with_the_fix() -> None:
+    out, err = run("late", "norebind", unset=("LD_PRELOAD",))
     check_correct(out)
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and loadable_candidates(out):
         assert out["result"] == "reference"
-        assert "imported before" in err
+        assert err.count("imported before mlx_baldwhisper") == 1, err
+        assert "Fix: import mlx_baldwhisper before mlx.core" in err and "simulated" in err
+
+
+@pytest.mark.parametrize("order", ["import mlx.core; import mlx_baldwhisper",
+                                   "import mlx_baldwhisper; import mlx.core"])
+def test_package_import_order_does_not_matter(order: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_BALDWHISPER_BLAS")}
+    p = subprocess.run([sys.executable, "-W", "default", "-c", f"{order}; print(mlx_baldwhisper.BLAS)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "imported before" not in p.stderr and "Warning" not in p.stderr, p.stderr
+    early, _ = run(unset=("LD_PRELOAD",))
+    assert p.stdout.split()[-1] == early["result"]
 
 
 def test_package_import_wires_blas_first() -> None:

@@ -55,12 +55,25 @@ def normalize(text: str) -> str:
     return " ".join("".join(out).split())
 
 
-def _rate(kind: str, refs: list[str], hyps: list[str]) -> float:
+def error_counts(refs: list[str], hyps: list[str]) -> dict[str, int]:
+    """Word and character edit counts: they add up across shards of a data set, rates don't."""
     import jiwer
 
     if not refs:
-        return float("nan")
-    return float(jiwer.wer(refs, hyps) if kind == "wer" else jiwer.cer(refs, hyps))
+        return {"word_errors": 0, "words": 0, "char_errors": 0, "chars": 0}
+    w, c = jiwer.process_words(refs, hyps), jiwer.process_characters(refs, hyps)
+    return {"word_errors": w.substitutions + w.deletions + w.insertions,
+            "words": w.hits + w.substitutions + w.deletions,
+            "char_errors": c.substitutions + c.deletions + c.insertions,
+            "chars": c.hits + c.substitutions + c.deletions}
+
+
+def error_rates(counts: dict[str, float]) -> dict[str, float]:
+    """Corpus-level WER and CER (NaN for an empty set)."""
+    def rate(errors: float, total: float) -> float:
+        return errors / total if total else float("nan")
+    return {"wer": rate(counts["word_errors"], counts["words"]),
+            "cer": rate(counts["char_errors"], counts["chars"])}
 
 
 def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = None,
@@ -104,7 +117,8 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
     refs = [r["reference_norm"] for r in rows]
     hyps = [r["hypothesis_norm"] for r in rows]
     bar.close()
-    return {"wer": _rate("wer", refs, hyps), "cer": _rate("cer", refs, hyps), "n": len(rows),
+    counts = error_counts(refs, hyps)
+    return {**error_rates(counts), "counts": counts, "n": len(rows),
             "seconds": time.perf_counter() - start, "language": base.language,
             "skipped": [list(s) for s in skipped], "rows": rows}
 
@@ -140,7 +154,7 @@ def _row(it: Item, hypothesis: str, language: str) -> dict[str, Any]:
     ref_n, hyp_n = normalize(it.text), normalize(hypothesis)
     return {"audio": it.name, "language": language, "reference": it.text, "hypothesis": hypothesis,
             "reference_norm": ref_n, "hypothesis_norm": hyp_n,
-            "wer": _rate("wer", [ref_n], [hyp_n]), "cer": _rate("cer", [ref_n], [hyp_n])}
+            **error_rates(error_counts([ref_n], [hyp_n]))}
 
 
 def save_hypotheses(result: dict[str, Any], path: Union[str, os.PathLike]) -> list[Path]:

@@ -142,12 +142,17 @@ def stage_command(f: Callable) -> Callable:
 
 
 def finish(result, out: str) -> None:
-    """The closing lines: best dev scores and the model folder, or how to resume."""
+    """The closing lines: best dev scores and the model folder, or how to resume (rank 0)."""
     from ..folders import run_folder
+    from .distributed import is_main
 
     if result.status == "interrupted":
+        if not is_main():
+            raise SystemExit(130)
         click.echo(f"interrupted at step {result.step}: rerun the same command to resume", err=True)
         raise SystemExit(130)
+    if not is_main():
+        return
     best_file = run_folder(Path(out)) / "best.json"
     best = json.loads(best_file.read_text()) if best_file.exists() else {}
     scores = (f"best dev WER {100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}% (step {best['step']})"

@@ -30,6 +30,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..folders import claim_run_folder
+from . import distributed
+from .distributed import shard
 from .checkpoint import (CKPT_DIR, capture_rng_state, latest_checkpoint, load_checkpoint,
                          read_checkpoint_state, save_checkpoint)
 
@@ -293,6 +295,7 @@ class Trainer:
         self.evaluate_fn, self.metric, self.lower_is_better = evaluate_fn, metric, lower_is_better
         self.save_best = save_best or save_weights
         self.count_fn = count_fn
+        self.rank, self.size = distributed.rank(), distributed.size()
         self.settings = dict(settings or {})
         if trainable_filter is not None:
             apply_trainable_filter(model, trainable_filter)
@@ -322,11 +325,12 @@ class Trainer:
         lr = float(self.optimizer.state.get("learning_rate", mx.array(self.config.lr)).item())
         extra = {"trainer": self._counters(), "data": data_state,
                  "schedule": {"optimizer_step": self.step, "lr": lr}}
-        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra,
+        self._saved_step = self.step
+        if not distributed.is_main():  # every rank holds the same state; one writes it
+            return self.out_dir / CKPT_DIR
+        return save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, extra,
                                extra_modules=self.extra_modules, config=self._run_config(),
                                rng_state=rng, keep=self.config.keep_checkpoints)
-        self._saved_step = self.step
-        return path
 
     def _run_config(self) -> dict[str, Any]:
         """TrainConfig keys flat (as older checkpoints have them) plus ``settings``; JSON form."""
@@ -336,10 +340,13 @@ class Trainer:
         check_resumable(self.out_dir, old, self._run_config())
 
     def _resume(self, batches: BatchSource) -> bool:
-        if latest_checkpoint(self.out_dir) is None:
+        found = latest_checkpoint(self.out_dir)
+        state = read_checkpoint_state(self.out_dir) if found else {}
+        distributed.same_everywhere(state.get("step", -1), f"the last checkpoint in {self.out_dir}")
+        if found is None:
             log.info("no checkpoint in %s: starting from scratch", self.out_dir)
             return False
-        self._check_settings(read_checkpoint_state(self.out_dir).get("config", {}))
+        self._check_settings(state.get("config", {}))
         extra = load_checkpoint(self.out_dir, self.model, self.optimizer,
                                 extra_modules=self.extra_modules)
         t = extra["trainer"]
@@ -355,7 +362,7 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records past ``step`` (written after the checkpoint we resume from)."""
-        if not self.metrics_path.exists():
+        if not self.metrics_path.exists() or not distributed.is_main():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
@@ -364,6 +371,8 @@ class Trainer:
         os.replace(tmp, self.metrics_path)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -384,22 +393,42 @@ class Trainer:
             s2 = [self.bundle.state, self.optimizer.state]
             self._update_fn = mx.compile(self._update, inputs=s2, outputs=s2)
 
+    def _share(self, batch: Any) -> tuple[Any, float]:
+        """This rank's rows of the global batch, and the weight that makes the group's mean
+        gradient the global batch's: size × (its tokens / all tokens)."""
+        if self.size == 1:
+            return batch, 1.0
+        mine = shard(batch, self.rank, self.size)
+        if not len(mine["inputs"]):  # fewer rows than ranks: a row that weighs nothing
+            return shard(batch, 0, len(batch["inputs"])), 0.0
+        total, own = self.count_fn(batch), self.count_fn(mine)
+        return mine, self.size * (own[1] / total[1] if total[1] else own[0] / total[0])
+
     def _accumulate(self, next_batch: Callable[[], Any]) -> tuple[Any, _Window]:
-        """Mean gradients over grad_accum micro-batches; stops on a non-finite loss."""
+        """Mean gradients over grad_accum micro-batches (of the global batch, across the
+        group); stops on a non-finite loss before any update."""
         n = self.config.grad_accum
         acc, grads_sum = _Window(), None
         for _ in range(n):
             batch = next_batch()
+            local, weight = self._share(batch)
             if self.config.compile:  # compiled functions take mx arrays only
-                batch = tree_map(lambda x: mx.array(x) if isinstance(x, np.ndarray) else x, batch)
-            (loss, logs), grads = self._grad_fn(batch)
+                local = tree_map(lambda x: mx.array(x) if isinstance(x, np.ndarray) else x, local)
+            (loss, logs), grads = self._grad_fn(local)
+            if weight != 1.0:
+                grads = tree_map(lambda g: g * weight, grads)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(loss, logs, grads_sum)  # bounds memory: one micro-batch graph at a time
-            value = float(loss.item())
-            if not math.isfinite(value):
-                self._non_finite("loss", value)
-            acc.add(value, {k: float(mx.array(v).item()) for k, v in logs.items()},
+            acc.add(weight * float(loss.item()),
+                    {k: weight * float(mx.array(v).item()) for k, v in sorted(logs.items())},
                     *self.count_fn(batch))
+        if self.size > 1:
+            grads_sum = distributed.average_gradients(grads_sum)
+            reduced = distributed.sum_floats([acc.loss, *acc.logs.values()])
+            acc.loss = reduced[0] / self.size
+            acc.logs = {k: v / self.size for k, v in zip(acc.logs, reduced[1:])}
+        if not math.isfinite(acc.loss):
+            self._non_finite("loss", acc.loss)
         if n > 1:
             grads_sum = tree_map(lambda g: g / n, grads_sum)
         return grads_sum, acc
@@ -421,8 +450,9 @@ class Trainer:
         better = self.best is None or (value < self.best if self.lower_is_better else value > self.best)
         if better:
             self.best, self.bad_evals = value, 0
-            self.save_best(self.model, self.out_dir / "best")
-            (self.out_dir / "best.json").write_text(json.dumps({"step": self.step, **res}))
+            if distributed.is_main():
+                self.save_best(self.model, self.out_dir / "best")
+                (self.out_dir / "best.json").write_text(json.dumps({"step": self.step, **res}))
         else:
             self.bad_evals += 1
         self._write_metrics({"kind": "eval", "step": self.step, "elapsed": self._elapsed(),
@@ -442,7 +472,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------
 
     def _start(self, batches: BatchSource, resume: bool) -> None:
-        claim_run_folder(self.out_dir)
+        if distributed.is_main():
+            claim_run_folder(self.out_dir)
         self._t0 = time.monotonic()
         self._saved_step = -1
         self._reset_counters()
@@ -450,9 +481,16 @@ class Trainer:
             mx.random.seed(self.config.seed)
             np.random.seed(self.config.seed)
             random.seed(self.config.seed)
-            self._clear_previous_run()
+            if distributed.is_main():
+                self._clear_previous_run()
         self._build_step_fns()
         self.model.train()
+
+    def _stop_requested(self, sigint: "_Sigint") -> bool:
+        """Ctrl-C reaches the ranks at different moments; they stop at the same step."""
+        if self.size == 1:
+            return sigint.requested
+        return distributed.sum_floats([float(sigint.requested)])[0] > 0
 
     def _optimizer_step(self, next_batch: Callable[[], Any]) -> tuple[_Window, Optional[float]]:
         grads, acc = self._accumulate(next_batch)
@@ -507,8 +545,8 @@ class Trainer:
 
         # Position and RNG at the start of the current step: what an interrupt saves.
         start = (copy.deepcopy(batches.state_dict()), capture_rng_state())
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not cfg.progress,
-                   dynamic_ncols=True, desc="train")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, dynamic_ncols=True, desc="train",
+                   disable=not (cfg.progress and distributed.is_main()))
         status, last_loss, win = "completed", None, _Window()
         self._in_update = False
         try:
@@ -529,7 +567,7 @@ class Trainer:
                         self._save(*start)
                     if status == "early_stopped":
                         break
-                    if sigint.requested:
+                    if self._stop_requested(sigint):
                         status = "interrupted"
                         break
         except KeyboardInterrupt:
@@ -552,8 +590,9 @@ class Trainer:
                 self._evaluate()
             if self._saved_step != self.step:
                 self._save(start[0], capture_rng_state())
-            if cfg.plot:
+            if cfg.plot and distributed.is_main():
                 plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
+        distributed.barrier()  # rank 0's checkpoint and model folder are complete
         return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir), last_loss)
 
 

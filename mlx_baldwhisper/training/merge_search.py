@@ -21,6 +21,7 @@ from ..folders import claim_run_folder
 from ..surgery import Surgery, compress
 from ..model import Whisper
 from .common import StageData, dev_evaluator
+from .distributed import is_main
 from .recover import RecoverConfig, recover
 from .trainer import TrainConfig
 
@@ -37,20 +38,19 @@ class MergeSearchConfig:
 def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
                  groups: Optional[str] = None) -> dict:
     """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``."""
-    claim_run_folder(out)
+    if is_main():
+        claim_run_folder(out)
     score = dev_evaluator(data, cfg.dev_limit)
     trials = []
-    with open(out / "trials.jsonl", "w") as log:
-        for r in cfg.ratios:
-            start = time.perf_counter()
-            student = compress(teacher, Surgery(merge=True, merge_groups=groups, alpha=r, beta=1.0 - r))
-            rec = replace(cfg.recover, eval_limit=cfg.dev_limit)
-            recover(student, teacher, data, rec, out / f"trial-r{r:g}", stage="merge-search",
-                    fraction=cfg.train_fraction, evaluate=False)
-            trial = {"ratio": r, "alpha": r, "beta": 1.0 - r, **score(student),
-                     "seconds": round(time.perf_counter() - start, 1)}
-            trials.append(trial)
-            log.write(json.dumps(trial) + "\n")
-            log.flush()
+    for r in cfg.ratios:
+        start = time.perf_counter()
+        student = compress(teacher, Surgery(merge=True, merge_groups=groups, alpha=r, beta=1.0 - r))
+        rec = replace(cfg.recover, eval_limit=cfg.dev_limit)
+        recover(student, teacher, data, rec, out / f"trial-r{r:g}", stage="merge-search",
+                fraction=cfg.train_fraction, evaluate=False)
+        trials.append({"ratio": r, "alpha": r, "beta": 1.0 - r, **score(student),
+                       "seconds": round(time.perf_counter() - start, 1)})
+        if is_main():  # rewritten after each trial, so an interrupted search keeps what it did
+            (out / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
     best = min(trials, key=lambda t: (t["wer"], t["cer"]))
     return {"alpha": best["alpha"], "beta": best["beta"], "trials": trials}

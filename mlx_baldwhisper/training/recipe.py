@@ -23,6 +23,7 @@ from ..load import load_model
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA
 from .common import load_data, write_json
+from .distributed import is_main
 from .finetune import FinetuneConfig
 from .merge_search import MergeSearchConfig, merge_search
 from .recover import RecoverConfig
@@ -148,7 +149,9 @@ class Recipe:
 
     def _save_results(self) -> None:
         self._reload()
-        write_json(self.results_path, self.results)
+        if is_main():  # with several processes, rank 0 writes every file of the recipe
+            write_json(self.results_path, self.results)
+            (self.out / "results.md").write_text(results_table(self.results))
 
     def _record(self, name: str, model: Whisper, seconds: float, **extra) -> None:
         data = self.inputs.data
@@ -156,12 +159,13 @@ class Recipe:
                                   sample_len=self.cfg.eval_sample_len)
         r = evaluate(model, data.dev, language=data.language, batch_size=self.cfg.eval_batch_size,
                      features=data.features, options=options)
-        save_hypotheses(r, self.out / "hypotheses" / f"{name}.tsv")
+        if is_main():
+            save_hypotheses(r, self.out / "hypotheses" / f"{name}.tsv")
+            print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
         self.results["stages"][name] = {"wer": r["wer"], "cer": r["cer"], "n": r["n"],
                                         "params": _params(model), "train_seconds": round(seconds, 1),
                                         "eval_seconds": round(r["seconds"], 1), **extra}
         self._save_results()
-        print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
 
     def _done(self, name: str) -> bool:
         if name not in self.results["stages"] or (not self.resume and name in self.stages):
@@ -170,7 +174,8 @@ class Recipe:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        claim_run_folder(self.out, self.force)
+        if is_main():
+            claim_run_folder(self.out, self.force)
         self._write_config()
         base = load_model(cfg.model)
         if cfg.language_token:
@@ -230,7 +235,8 @@ class Recipe:
                                     default=str))
         if path.exists() and self.resume:
             check_resumable(self.out, json.loads(path.read_text()), new)
-        write_json(path, new)
+        if is_main():
+            write_json(path, new)
 
     def _require(self, name: str) -> None:
         if name not in self.stages:
@@ -243,7 +249,6 @@ class Recipe:
         if teacher and final and final["wer"] > 0:
             self.results["wer_teacher_over_final"] = teacher["wer"] / final["wer"]
         self._save_results()
-        (self.out / "results.md").write_text(results_table(self.results))
 
 
 def results_table(results: dict[str, Any]) -> str:

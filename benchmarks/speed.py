@@ -15,6 +15,7 @@ backend).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -44,6 +45,27 @@ def audio_batch(batch: int, n_mels: int):
     return mx.stack(mels)
 
 
+class _CachedDecoder:
+    """An older checkout's decoding state: the decoder with its KV caches."""
+
+    def __init__(self, model, batch: int):
+        self.model, self.caches, self.cross = model, model.new_caches(batch), None
+
+    def logits(self, tokens, feats):
+        logits, self.cross, _ = self.model.decoder(tokens, feats, self.caches, self.cross)
+        return logits
+
+
+def decoding(model, batch: int):
+    """The decoding state the package's own decoding uses (backends.decoding)."""
+    try:
+        from mlx_baldwhisper.backends import decoding
+    except ImportError:  # an older checkout, for before/after runs
+        import contextlib
+        return contextlib.nullcontext(_CachedDecoder(model, batch))
+    return decoding(model, batch)
+
+
 def measure(model, batch: int, tokens: int, repeats: int = 1,
             encoder_windows: Optional[int] = None) -> dict:
     import mlx.core as mx
@@ -67,16 +89,13 @@ def measure(model, batch: int, tokens: int, repeats: int = 1,
     prompt = mx.array([[50258, 50259, 50359, 50363]] * batch)
     best = best_cpu = None
     for _ in range(repeats):
-        caches = model.new_caches(batch)
-        t0, c0 = time.perf_counter(), time.process_time()
-        logits, cross, _ = model.decoder(prompt, feats, caches)
-        nxt = logits[:, -1].argmax(-1)[:, None]
-        mx.eval(nxt)
-        for _ in range(tokens - 1):
-            logits, cross, _ = model.decoder(nxt, feats, caches, cross)
-            nxt = logits[:, -1].argmax(-1)[:, None]
-            mx.eval(nxt)
-        s, c = time.perf_counter() - t0, time.process_time() - c0
+        with decoding(model, batch) as inference:
+            t0, c0 = time.perf_counter(), time.process_time()
+            nxt = prompt
+            for _ in range(tokens):
+                nxt = inference.logits(nxt, feats)[:, -1].argmax(-1)[:, None]
+                mx.eval(nxt)
+            s, c = time.perf_counter() - t0, time.process_time() - c0
         best = s if best is None else min(best, s)
         best_cpu = c if best_cpu is None else min(best_cpu, c)
     return {"batch": batch, "tokens": tokens, "encoder_windows": n_enc,
@@ -107,11 +126,13 @@ def main(model_path, batch, tokens, repeats, dtype, encoder_windows, packed, as_
     from mlx_baldwhisper import load_model
 
     model = load_model(model_path, dtype=dtype, dequantize=False if packed else None)
-    try:
-        from mlx_baldwhisper import cpu_ops
-        ops = "numpy" if cpu_ops.enabled() else "mlx"
-    except ImportError:  # an older checkout, for before/after runs
-        ops = "none"
+    ops = "none"
+    for name in ("mlx_baldwhisper.backends.cpu", "mlx_baldwhisper.cpu_ops"):  # older checkouts
+        try:
+            ops = "numpy" if importlib.import_module(name).enabled() else "mlx"
+            break
+        except ImportError:
+            pass
 
     result = measure(model, batch, tokens, repeats, encoder_windows)
     result.update(model=str(model_path or "base"), dtype=dtype, blas=mlx_baldwhisper.BLAS,

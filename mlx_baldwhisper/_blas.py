@@ -119,7 +119,7 @@ def _try(path: str, explicit: bool) -> Optional[str]:
     try:
         # THREAD_TIMEOUT 4 (2^4 cycles, OpenBLAS's minimum): worker threads stop spinning
         # right after a GEMM, so the encoder's numpy kernels get the cores (measured:
-        # encoder window 0.97 -> 0.69 s with cpu_ops' 2-thread kernels; no gain without).
+        # encoder window 0.97 -> 0.69 s with the CPU backend's 2-thread kernels; no gain without).
         with _env_defaults(OPENBLAS_CORETYPE=_coretype(), OPENBLAS_THREAD_TIMEOUT="4",
                            OPENBLAS_NUM_THREADS=None if user_threads else "1"):
             lib = _dlopen(path)
@@ -304,7 +304,7 @@ def threads(n: Optional[int]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def cpu_threads(n: Optional[int]) -> Iterator[None]:
-    """Use ``n`` threads for the encoder (its BLAS GEMMs and cpu_ops' numpy kernel pool)
+    """Use ``n`` threads for the encoder (its BLAS GEMMs and the CPU backend's numpy kernel pool)
     inside the block, over any env setting: the CLI's ``--threads``. 0/None: the default."""
     global _threads_override
     prev, _threads_override = _threads_override, (n or None)

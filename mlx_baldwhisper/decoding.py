@@ -1,7 +1,9 @@
-"""Decoding one 30-second window per item: language detection, greedy, sampling and beam search.
+"""Decoding one 30-second window per item: language detection, then a strategy's loop.
 
-The model runs in MLX; the per-step logit rules (suppression, timestamp grammar)
-run in numpy on one (batch, vocab) row, which is cheap next to the decoder step.
+The decoder steps run in a decoding state from the backends (MLX, or numpy on Linux
+CPU); the per-step logit rules (suppression, timestamp grammar) run in numpy on one
+(batch, vocab) row, which is cheap next to the decoder step; the strategies
+(strategies.py) choose the tokens.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from . import backends
 from .audio import N_FRAMES
+from .backends.cpu.ops import log_softmax
 from .model import Whisper
+from .strategies import BeamSearch, Candidates, Sampling, Strategy
 from .tokenizer import Tokenizer, get_tokenizer, language_code
 
 NEG_INF = -np.inf
@@ -55,13 +60,6 @@ class DecodingResult:
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    z = x - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def tokenizer_for(model: Whisper, language: Optional[str] = None, task: Optional[str] = None) -> Tokenizer:
@@ -190,27 +188,29 @@ class Decoder:
         return tokens
 
     def run(self, audio_features: mx.array) -> list[DecodingResult]:
-        o = self.options
+        o, tk = self.options, self.tk
         n_audio = audio_features.shape[0]
         group = o.beam_size or o.best_of or 1
         if group > 1:
             audio_features = mx.repeat(audio_features, group, axis=0)
         starts = self.item_tokens or [self.initial_tokens] * n_audio
         tokens = [list(starts[i]) for i in range(n_audio) for _ in range(group)]
-        if o.beam_size:
-            from .beam_search import beam_search
-            finished, no_speech = beam_search(self, audio_features, tokens, n_audio)
-        else:
-            finished, no_speech = self._sample(audio_features, tokens, n_audio, group)
+        with backends.decoding(self.model, len(tokens)) as inference:
+            strategy: Strategy
+            if o.beam_size:
+                strategy = BeamSearch(o.beam_size, tk.eot, n_audio, self.sample_begin,
+                                      inference.reorder, o.patience)
+            else:
+                strategy = Sampling(o.temperature, tk.eot, n_audio, group, self.sample_begin,
+                                    self.rng)
+            finished, no_speech = self._loop(inference, audio_features, tokens, strategy)
         results = []
         for i in range(n_audio):
-            cands = finished[i]
-            best = max(cands, key=lambda c: self._score(c[0], c[1]))
-            toks = best[0]
-            text = self.tk.decode(toks).strip()
+            toks, logprob = max(finished[i], key=lambda c: self._score(c[0], c[1]))
+            text = tk.decode(toks).strip()
             results.append(DecodingResult(
-                language=self.tk.language, tokens=toks, text=text,
-                avg_logprob=best[1] / (len(toks) + 1), no_speech_prob=no_speech[i * group],
+                language=tk.language, tokens=toks, text=text,
+                avg_logprob=logprob / (len(toks) + 1), no_speech_prob=no_speech[i * group],
                 temperature=o.temperature, compression_ratio=compression_ratio(text)))
         return results
 
@@ -220,13 +220,26 @@ class Decoder:
         penalty = n if lp is None else ((5 + n) / 6) ** lp
         return logprob / max(penalty, 1e-9)
 
-    def step(self, audio_features: mx.array, tokens: list[list[int]], caches, cross, first: bool):
-        """Logits (numpy, float32) for the next token of each sequence, after the rules."""
-        if first:
-            inp = mx.array(tokens)
-        else:
-            inp = mx.array([[t[-1]] for t in tokens])
-        logits, cross, _ = self.model.decoder(inp, audio_features, caches, cross)
+    def _loop(self, inference: backends.Inference, audio_features: mx.array,
+              tokens: list[list[int]], strategy: Strategy) -> tuple[list[Candidates], np.ndarray]:
+        """Step until the strategy is done or the context is full; returns its candidates
+        and each sequence's no-speech probability (from the first step)."""
+        no_speech = None
+        for i in range(self.sample_len):
+            logits, ns = self._step(inference, audio_features, tokens, first=i == 0)
+            if ns is not None:
+                no_speech = ns
+            tokens, done = strategy.update(tokens, logits)
+            if done or len(tokens[0]) >= self.n_ctx:
+                break
+        return strategy.finalize(tokens), no_speech
+
+    def _step(self, inference: backends.Inference, audio_features: mx.array,
+              tokens: list[list[int]], first: bool) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """Logits (numpy, float32) for the next token of each sequence, after the rules, and
+        at the first step (the whole prompt) the no-speech probabilities."""
+        inp = mx.array(tokens) if first else mx.array([[t[-1]] for t in tokens])
+        logits = inference.logits(inp, audio_features)
         no_speech = None
         if first:
             ns = logits[:, self.sot_index].astype(mx.float32)
@@ -234,43 +247,7 @@ class Decoder:
             no_speech = np.array(ns) if ns is not None else np.full(len(tokens), np.nan)
         last = np.array(logits[:, -1].astype(mx.float32))
         self.rules.apply(last, tokens)
-        return last, cross, no_speech
-
-    def _sample(self, audio_features, tokens, n_audio, group):
-        o, eot = self.options, self.tk.eot
-        caches = self.model.new_caches(len(tokens))
-        cross = None
-        sum_lp = np.zeros(len(tokens))
-        done = np.zeros(len(tokens), bool)
-        no_speech = None
-        for i in range(self.sample_len):
-            logits, cross, ns = self.step(audio_features, tokens, caches, cross, first=(i == 0))
-            if ns is not None:
-                no_speech = ns
-            lp = log_softmax(logits)
-            if o.temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                p = np.exp(log_softmax(logits / o.temperature))
-                nxt = np.array([self.rng.choice(p.shape[1], p=row / row.sum()) for row in p])
-            for k, t in enumerate(nxt):
-                if done[k]:
-                    continue
-                sum_lp[k] += lp[k, t]
-                tokens[k].append(int(t))
-                done[k] = t == eot
-            if done.all() or len(tokens[0]) >= self.n_ctx:
-                break
-        finished = []
-        for i in range(n_audio):
-            cands = []
-            for k in range(i * group, (i + 1) * group):
-                seq = tokens[k][self.sample_begin:]
-                if eot in seq:
-                    seq = seq[: seq.index(eot)]
-                cands.append((seq, float(sum_lp[k])))
-            finished.append(cands)
-        return finished, no_speech
+        return last, no_speech
 
 
 def decode(model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOptions(),

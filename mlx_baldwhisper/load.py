@@ -76,9 +76,9 @@ def dequantize_checkpoint(ckpt: Checkpoint) -> Checkpoint:
 def dequantize_by_default() -> bool:
     """On Linux CPU, MLX's quantized matmuls run 25-30x slower than float32 (measured,
     benchmarks/RESULTS.md), so quantized folders are unpacked at load there."""
-    from . import cpu_ops
+    from .backends import cpu
 
-    return cpu_ops.enabled()
+    return cpu.enabled()
 
 
 def load_model(path_or_name: str | os.PathLike | None = None,

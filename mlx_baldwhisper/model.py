@@ -1,23 +1,27 @@
-"""The Whisper encoder-decoder in MLX.
+"""The Whisper encoder-decoder in plain MLX.
 
 Parameter names follow openai/whisper (``encoder.blocks.0.attn.query`` ...) so that
 checkpoints from every source map onto one layout. Two BaldWhisper changes are
 expressed through the config alone: a decoder with fewer (merged) layers, and a
 low-rank tied embedding (``embedding_rank``).
+
+Attention and GELU are called through the kernel hook of backends/mlx.py (which
+defines attention, below this module), so a backend can serve inference faster with
+the same math; :meth:`Whisper.embed_audio` goes through that seam (``backends.encode``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _blas, cpu_decode, cpu_ops
+from . import backends
+from .backends.mlx import attention, causal_mask, kernels
 from .dims import ModelDimensions
-from .kv_cache import KVCache
+from .kv_cache import KVCache, merge_heads, split_heads
 from .lowrank import LowRankEmbedding
 
 
@@ -34,6 +38,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, n_state: int, n_head: int):
         super().__init__()
         self.n_head = n_head
+        self.scale = (n_state // n_head) ** -0.25  # on q and k each: (q·kᵀ)/√head_dim
         self.query = nn.Linear(n_state, n_state)
         self.key = nn.Linear(n_state, n_state, bias=False)
         self.value = nn.Linear(n_state, n_state)
@@ -48,61 +53,29 @@ class MultiHeadAttention(nn.Module):
         cross_kv: Optional[tuple[mx.array, mx.array]] = None,
         need_weights: bool = False,
     ) -> tuple[mx.array, Optional[tuple[mx.array, mx.array]], Optional[mx.array]]:
-        """Returns (output, cross-attention (k, v) for reuse, attention weights or None).
+        """Returns (output, cross-attention (k, v) for reuse, attention scores or None).
 
-        The cross (k, v) pair is kept in the layout attention uses: split by head,
-        ``(batch, heads, audio_ctx, head_dim)``, contiguous, keys already scaled, so a
-        decoding step reads it as it is (no per-step scale, transpose or copy).
+        The cross (k, v) pair is kept in the layout attention uses (:meth:`cross_kv_of`),
+        so a decoding step reads it as it is (no per-step scale, transpose or copy).
         """
-        q = self.query(x)
+        q = split_heads(self.query(x), self.n_head, self.scale)
+        if cross_kv is None and xa is not None:
+            cross_kv = self.cross_kv_of(xa)
         if cross_kv is not None:
             k, v = cross_kv
-        elif xa is not None:
-            cross_kv = k, v = self.cross_kv_of(xa)
-        elif cache is None and mask is None and not need_weights and cpu_ops.active():
-            out = cpu_ops.self_attention(q, self.key(x), self.value(x), self.n_head)
-            return self.out(out), None, None
         else:
-            k = self._heads(self.key(x), self._scale(x))
-            v = self._heads(self.value(x))
+            k = split_heads(self.key(x), self.n_head, self.scale)
+            v = split_heads(self.value(x), self.n_head)
             if cache is not None:
                 k, v = cache.update_heads(k, v)
-        if cross_kv is not None and not need_weights:
-            b, t_q, d = q.shape
-            q = self._heads(q, self._scale(q))
-            out = cpu_ops.attend_heads(q, k, v).transpose(0, 2, 1, 3).reshape(b, t_q, d)
-            return self.out(out), cross_kv, None
-        out, w = self.attend(q, k, v, mask, need_weights)
-        return self.out(out), cross_kv, w
+        out, qk = (attention if need_weights else kernels().attention)(q, k, v, mask)
+        return self.out(merge_heads(out)), cross_kv, qk if need_weights else None
 
     def cross_kv_of(self, xa: mx.array) -> tuple[mx.array, mx.array]:
         """Encoder keys (scaled) and values, head-split and contiguous, for reuse."""
-        k = mx.contiguous(self._heads(self.key(xa), self._scale(xa)))
-        v = mx.contiguous(self._heads(self.value(xa)))
+        k = mx.contiguous(split_heads(self.key(xa), self.n_head, self.scale))
+        v = mx.contiguous(split_heads(self.value(xa), self.n_head))
         return k, v
-
-    def _scale(self, x: mx.array) -> float:
-        return (x.shape[-1] // self.n_head) ** -0.25
-
-    def _heads(self, x: mx.array, scale: Optional[float] = None) -> mx.array:
-        """(batch, time, width) -> (batch, heads, time, head_dim), optionally scaled."""
-        b, t, _ = x.shape
-        if scale is not None:
-            x = x * scale
-        return x.reshape(b, t, self.n_head, -1).transpose(0, 2, 1, 3)
-
-    def attend(
-        self, q: mx.array, k: mx.array, v: mx.array, mask: Optional[mx.array], need_weights: bool
-    ) -> tuple[mx.array, Optional[mx.array]]:
-        """q: (batch, t_q, width); k, v: head-split (batch, heads, t_k, head_dim), k scaled."""
-        b, t_q, d = q.shape
-        q = self._heads(q, self._scale(q))
-        qk = q @ k.swapaxes(-1, -2)
-        if mask is not None:
-            qk = qk + mask
-        w = mx.softmax(qk.astype(mx.float32), axis=-1, precise=True).astype(q.dtype)
-        out = (w @ v).transpose(0, 2, 1, 3).reshape(b, t_q, d)
-        return out, (qk if need_weights else None)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -125,15 +98,14 @@ class ResidualAttentionBlock(nn.Module):
         cross_kv: Optional[tuple[mx.array, mx.array]] = None,
         need_weights: bool = False,
     ) -> tuple[mx.array, Optional[tuple[mx.array, mx.array]], Optional[mx.array]]:
-        y, _, _ = self.attn(self.attn_ln(x), mask=mask, cache=cache)
-        x = x + y
+        x = x + self.attn(self.attn_ln(x), mask=mask, cache=cache)[0]
         w = None
         if self.cross_attn is not None:
             y, cross_kv, w = self.cross_attn(
                 self.cross_attn_ln(x), xa, cross_kv=cross_kv, need_weights=need_weights
             )
             x = x + y
-        x = x + self.mlp2(cpu_ops.gelu(self.mlp1(self.mlp_ln(x))))
+        x = x + self.mlp2(kernels().gelu(self.mlp1(self.mlp_ln(x))))
         return x, cross_kv, w
 
 
@@ -148,8 +120,9 @@ class AudioEncoder(nn.Module):
 
     def __call__(self, mel: mx.array) -> mx.array:
         """mel: (batch, frames, n_mels) -> (batch, frames // 2, n_state)."""
-        x = cpu_ops.gelu(self.conv1(mel))
-        x = cpu_ops.gelu(self.conv2(x))
+        gelu = kernels().gelu
+        x = gelu(self.conv1(mel))
+        x = gelu(self.conv2(x))
         n = x.shape[1]
         if n > self._positional_embedding.shape[0]:
             raise ValueError(f"audio is {n} frames, the encoder holds at most "
@@ -184,31 +157,17 @@ class TextDecoder(nn.Module):
         need_weights: bool = False,
         return_hidden: bool = False,
     ) -> tuple[mx.array, list, list]:
-        """Returns (logits, per-layer cross (k, v), per-layer cross-attention weights).
+        """Returns (logits, or the final hidden states if ``return_hidden``, per-layer
+        cross (k, v), per-layer cross-attention scores).
 
         ``caches`` holds the self-attention keys/values already seen, so a step only
         feeds the new tokens; ``cross_kv`` holds the encoder projections computed once
-        per audio window. Incremental decoding (``caches`` given) is inference: on
-        Linux CPU a float32 decoder's step runs in numpy (cpu_decode), other decoders
-        use numpy for cross-attention and the vocabulary projection (cpu_ops).
+        per audio window.
         """
-        if caches is not None:
-            with cpu_ops.inference():
-                if cpu_ops.active() and not (need_weights or return_hidden) \
-                        and cpu_decode.supported(self):
-                    out = cpu_decode.decode_step(self, tokens, xa, caches, cross_kv)
-                    if out is not None:
-                        return out
-                return self._forward(tokens, xa, caches, cross_kv, need_weights, return_hidden)
-        return self._forward(tokens, xa, caches, cross_kv, need_weights, return_hidden)
-
-    def _forward(self, tokens, xa, caches, cross_kv, need_weights, return_hidden):
         offset = caches[0].offset if caches else 0
         t = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.positional_embedding[offset : offset + t]
-        mask = None
-        if t > 1:
-            mask = causal_mask(t, offset, x.dtype)
+        mask = causal_mask(t, offset, x.dtype) if t > 1 else None
         cross_kv = cross_kv or [None] * len(self.blocks)
         new_cross, weights = [], []
         for i, block in enumerate(self.blocks):
@@ -219,25 +178,7 @@ class TextDecoder(nn.Module):
             new_cross.append(ckv)
             weights.append(w)
         x = self.ln(x)
-        if return_hidden:
-            return x, new_cross, weights
-        return self.project(x), new_cross, weights
-
-    def project(self, x: mx.array) -> mx.array:
-        """Hidden states to vocabulary logits with the tied (possibly factored) embedding."""
-        emb = self.token_embedding
-        if cpu_ops.active():
-            if isinstance(emb, LowRankEmbedding) and type(emb.A) is nn.Embedding:
-                return cpu_ops.matmul_t(x @ emb.B.T, emb.A.weight)
-            if type(emb) is nn.Embedding:
-                return cpu_ops.matmul_t(x, emb.weight)
-        return emb.as_linear(x)
-
-
-def causal_mask(t: int, offset: int, dtype: mx.Dtype) -> mx.array:
-    rows = mx.arange(offset, offset + t)[:, None]
-    cols = mx.arange(offset + t)[None, :]
-    return mx.where(cols > rows, mx.array(-1e9, dtype=dtype), mx.array(0, dtype=dtype))
+        return (x if return_hidden else self.token_embedding.as_linear(x)), new_cross, weights
 
 
 class Whisper(nn.Module):
@@ -269,16 +210,8 @@ class Whisper(nn.Module):
         self.tokenizer_dir = None
 
     def embed_audio(self, mel: mx.array) -> mx.array:
-        """Encoder output for inference: on Linux CPU the softmax and GELU run in numpy
-        (see cpu_ops; gradients through it remain exact) and its GEMMs use several BLAS
-        threads (``_blas.threads``), evaluated before the decoder's single-threaded steps."""
-        with cpu_ops.inference(), _blas.threads(_blas.encoder_threads()):
-            out = self.encoder(mel)
-            try:
-                mx.eval(out)
-            except cpu_ops._TRANSFORM_ERRORS:  # inside mx.compile/vmap: stays lazy
-                pass
-        return out
+        """Encoder output for inference, evaluated, on the platform's fast kernels."""
+        return backends.encode(self.encoder, mel)
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         return self.decoder(tokens, audio_features)[0]

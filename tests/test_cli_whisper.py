@@ -17,7 +17,8 @@ import soundfile as sf
 from click.testing import CliRunner
 
 from conftest import tiny_model
-from mlx_baldwhisper import _blas, cpu_ops
+from mlx_baldwhisper import _blas
+from mlx_baldwhisper.backends.cpu import ops as cpu_ops
 from mlx_baldwhisper.cli import main
 
 engine = importlib.import_module("mlx_baldwhisper.transcribe")  # the module, not the function

@@ -1,12 +1,17 @@
-"""The fast paths change speed, never results: the numpy CPU kernels (cpu_ops) against
-the pure-MLX path, the head-split KV cache, and gradients through the fast kernels."""
+"""The fast paths change speed, never results: the CPU backend's numpy kernels and numpy
+decoding step against the pure-MLX path, the head-split KV cache, and gradients through
+the fast kernels."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from conftest import tiny_model
-from mlx_baldwhisper import cpu_ops
+from mlx_baldwhisper import backends
+from mlx_baldwhisper.backends import cpu
+from mlx_baldwhisper.backends.cpu import ops
+from mlx_baldwhisper.backends.cpu.decode import NumpyInference
+from mlx_baldwhisper.backends.mlx import MLXInference
 from mlx_baldwhisper.decoding import DecodingOptions, decode, decode_features
 from mlx_baldwhisper.kv_cache import KVCache
 
@@ -14,8 +19,8 @@ from mlx_baldwhisper.kv_cache import KVCache
 @pytest.fixture
 def small_thresholds(monkeypatch):
     """Let the numpy kernels run on tiny shapes too (decoder GELU, cross-attention)."""
-    monkeypatch.setattr(cpu_ops, "MIN_GELU", 0)
-    monkeypatch.setattr(cpu_ops, "MIN_ATTEND", 0)
+    monkeypatch.setattr(ops, "MIN_GELU", 0)
+    monkeypatch.setattr(ops, "MIN_ATTEND", 0)
 
 
 def _mel(seed: int, batch: int = 1) -> mx.array:
@@ -23,23 +28,23 @@ def _mel(seed: int, batch: int = 1) -> mx.array:
 
 
 def test_env_var_selects_the_path(monkeypatch):
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "mlx")
-    assert not cpu_ops.enabled()
-    with cpu_ops.inference():
-        assert not cpu_ops.active()
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "numpy")
-    assert cpu_ops.enabled() and not cpu_ops.active()  # only inside inference()
-    with cpu_ops.inference():
-        assert cpu_ops.active()
-    assert not cpu_ops.active()
+    monkeypatch.setenv(cpu.ENV_VAR, "mlx")
+    assert not cpu.enabled()
+    with cpu.inference():
+        assert not cpu.active()
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
+    assert cpu.enabled() and not cpu.active()  # only inside inference()
+    with cpu.inference():
+        assert cpu.active()
+    assert not cpu.active()
 
 
 def test_encoder_fast_path_matches_mlx(monkeypatch):
     model = tiny_model(seed=5, n_audio_layer=2)
     mel = _mel(0, batch=2)
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "mlx")
+    monkeypatch.setenv(cpu.ENV_VAR, "mlx")
     ref = np.array(model.embed_audio(mel))
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "numpy")
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
     fast = np.array(model.embed_audio(mel))
     assert np.allclose(fast, ref, atol=1e-4, rtol=1e-4), np.abs(fast - ref).max()
 
@@ -50,27 +55,43 @@ def test_greedy_tokens_identical_on_both_paths(monkeypatch, small_thresholds):
     opts = DecodingOptions(language="en", sample_len=16)
     results = {}
     for path in ("mlx", "numpy"):
-        monkeypatch.setenv(cpu_ops.ENV_VAR, path)
+        monkeypatch.setenv(cpu.ENV_VAR, path)
         results[path] = [r.tokens for r in decode(model, mel, opts)]
     assert results["numpy"] == results["mlx"]
     assert any(len(t) > 2 for t in results["mlx"])  # something was actually decoded
 
 
 def test_cached_steps_equal_full_forward_with_numpy_kernels(monkeypatch, small_thresholds):
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "numpy")
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
     for rank in (None, 8):
         model = tiny_model(seed=7, embedding_rank=rank)
         feats = mx.random.normal((2, 1500, 32))
         tokens = mx.array([[50258, 50259, 50359, 50363, 400, 370, 452, 7177]] * 2)
         full = model.decoder(tokens, feats)[0]  # no cache: the plain MLX forward
-        caches = model.new_caches(2)
-        out, cross, _ = model.decoder(tokens[:, :4], feats, caches)
-        steps = [out]
-        for i in range(4, tokens.shape[1]):
-            out, cross, _ = model.decoder(tokens[:, i:i + 1], feats, caches, cross)
-            steps.append(out)
+        with backends.decoding(model, 2) as inference:
+            assert isinstance(inference, NumpyInference)
+            steps = [inference.logits(tokens[:, :4], feats)]
+            for i in range(4, tokens.shape[1]):
+                steps.append(inference.logits(tokens[:, i:i + 1], feats))
         stepped = mx.concatenate(steps, axis=1)
         assert np.allclose(np.array(full), np.array(stepped), atol=1e-4)
+
+
+def test_beam_reorder_follows_the_surviving_rows_on_both_paths(monkeypatch):
+    """Both decoding states keep the history of the rows beam search keeps (the rows of
+    a beam share one audio)."""
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
+    model = tiny_model(seed=11)
+    feats = mx.repeat(mx.random.normal((1, 1500, 32)), 3, axis=0)
+    prompt = mx.array([[50258, 50259, 50359, t] for t in (400, 370, 452)])
+    outs = []
+    with cpu.inference():
+        for state in (NumpyInference(model.decoder, 3), MLXInference(model, 3)):
+            state.logits(prompt, feats)
+            state.reorder(np.array([2, 2, 0]))
+            outs.append(np.array(state.logits(mx.array([[7177]] * 3), feats)))
+    assert np.allclose(outs[0][0], outs[0][1]) and not np.allclose(outs[0][0], outs[0][2])
+    assert np.allclose(outs[0], outs[1], atol=1e-4)
 
 
 def test_gradients_through_fast_kernels_are_exact(monkeypatch, small_thresholds):
@@ -87,7 +108,7 @@ def test_gradients_through_fast_kernels_are_exact(monkeypatch, small_thresholds)
 
     grads = {}
     for path in ("mlx", "numpy"):
-        monkeypatch.setenv(cpu_ops.ENV_VAR, path)
+        monkeypatch.setenv(cpu.ENV_VAR, path)
         _, g = nn.value_and_grad(model, loss)(model)
         grads[path] = dict(tree_flatten(g))
     for k, ref in grads["mlx"].items():
@@ -99,14 +120,14 @@ def test_compiled_forward_falls_back_to_mlx(monkeypatch):
     """Inside mx.compile arrays cannot be read: the kernels fall back to MLX ops."""
     model = tiny_model(seed=9)
     mel = _mel(3)
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "numpy")
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
     eager = np.array(model.embed_audio(mel))
     compiled = np.array(mx.compile(model.embed_audio)(mel))
     assert np.allclose(eager, compiled, atol=1e-4)
 
 
 def test_half_precision_fast_path_decodes(monkeypatch, small_thresholds):
-    monkeypatch.setenv(cpu_ops.ENV_VAR, "numpy")
+    monkeypatch.setenv(cpu.ENV_VAR, "numpy")
     for dtype in (mx.float16, mx.bfloat16):
         model = tiny_model(seed=10)
         model.set_dtype(dtype)

@@ -16,13 +16,14 @@ from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from .. import cpu_ops
+from .. import backends
 from ..decoding import tokenizer_for
-from ..evaluate import evaluate
+from ..evaluate import error_rates, evaluate
 from ..model import Whisper
 from ..weights import mlx_folder
 from ..dataset import TokenizedExample, prepare, read_manifest
 from ..features import FeatureCache, encoder_fingerprint
+from . import distributed
 from .data import Batcher
 from .losses import cross_entropy
 
@@ -52,7 +53,7 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
     sets = []
     for path in (train, dev):
         items, sk = prepare(read_manifest(path, language=language), tk, model.dims.n_mels,
-                            max_tokens=limit, progress=True)
+                            max_tokens=limit, progress=distributed.is_main())
         skipped += sk
         sets.append(items)
     if not sets[0] or not sets[1]:
@@ -60,9 +61,26 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
                          f"({len(skipped)} skipped; see the warnings above)")
     features = None
     if cache_features:
-        features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True)
-        features.compute(model, sets[1] + sets[0], batch_size=4)
+        features = cache_features_shared(model, sets[1] + sets[0], cache_dir)
     return StageData(sets[0], sets[1], language, features, skipped)
+
+
+def cache_features_shared(model: Whisper, items: list[TokenizedExample],
+                          cache_dir: Optional[str]) -> FeatureCache:
+    """Encoder outputs of every clip. Several processes split the encoding: each writes its
+    share to ``cache_dir``, a folder all of them read (on several hosts, a shared folder at
+    the same path), so afterwards each one loads the rest from disk."""
+    features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True)
+    rank, size = distributed.rank(), distributed.size()
+    if size > 1:
+        features.compute(model, items[rank::size], batch_size=4, progress=rank == 0)
+        distributed.barrier()
+        missing = sum(x not in features for x in items)
+        if missing:
+            log.warning("rank %d does not see %d clips the other ranks cached in %s: encoding them "
+                        "here too (share the cache folder to avoid this)", rank, missing, cache_dir)
+    features.compute(model, items, batch_size=4, progress=rank == 0)
+    return features
 
 
 def decoder_input(model: Whisper, batch: dict) -> mx.array:
@@ -73,8 +91,8 @@ def decoder_input(model: Whisper, batch: dict) -> mx.array:
 
 def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array) -> mx.array:
     """The frozen teacher's logits. Never differentiated, so the numpy inference kernels
-    (``cpu_ops``) may serve its attention, GELU and vocabulary projection on Linux CPU."""
-    with cpu_ops.inference():
+    (``backends``) may serve its attention and GELU on Linux CPU."""
+    with backends.inference():
         logits = teacher.decoder(inputs, features.astype(teacher.dtype))[0]
     return mx.stop_gradient(logits)
 
@@ -87,10 +105,14 @@ def ce_loss(model: Whisper, batch: dict) -> tuple[mx.array, dict[str, mx.array]]
 
 def dev_evaluator(data: StageData, limit: Optional[int] = None,
                   batch_size: int = 16) -> Callable[[Whisper], dict[str, float]]:
+    """With several processes each scores its share of the clips, and the edit counts add up."""
     def run(model: Whisper) -> dict[str, float]:
-        r = evaluate(model, data.dev, language=data.language, batch_size=batch_size,
-                     features=data.features, limit=limit)
-        return {"wer": r["wer"], "cer": r["cer"]}
+        items = data.dev[:limit][distributed.rank()::distributed.size()]
+        r = evaluate(model, items, language=data.language, batch_size=batch_size,
+                     features=data.features, progress=distributed.is_main())
+        keys = sorted(r["counts"])
+        totals = distributed.sum_floats([float(r["counts"][k]) for k in keys])
+        return error_rates(dict(zip(keys, totals)))
     return run
 
 

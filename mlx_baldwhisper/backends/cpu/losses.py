@@ -2,11 +2,11 @@
 
 A training step's loss touches every logit of every target token (8 x 50 x 51,865 ≈ 20M
 values) a dozen times forward and backward. MLX's CPU element-wise kernels are scalar on
-Linux/x86 (see ``cpu_ops``), so those passes cost ~2 s per step, as much as the decoder;
+Linux/x86 (see ops.py), so those passes cost ~2 s per step, as much as the decoder;
 numpy's vectorised ``exp``/``log`` do them in a fraction of that. These are
 ``mx.custom_function``s with hand-written gradients (checked against MLX autograd in
-``tests/test_losses.py``), used only where ``cpu_ops.enabled()``; ``losses.py`` keeps the
-plain MLX path for Metal and inside ``mx.compile``.
+``tests/test_losses.py``), used only where the CPU backend is enabled; training/losses.py
+keeps the plain MLX path for Metal and inside ``mx.compile``.
 
 Gradients, for rows z (student), zt (teacher, no gradient), temperature t, u = z/t,
 ut = zt/t, p = softmax(z), ps = softmax(u), pt = softmax(ut), KL = Σ pt (log pt − log ps):
@@ -19,27 +19,22 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from .. import cpu_ops
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    y = x - x.max(axis=-1, keepdims=True)
-    y -= np.log(np.exp(y).sum(axis=-1, keepdims=True))
-    return y
+from . import enabled
+from .ops import TRANSFORM_ERRORS, host, log_softmax
 
 
 def _rows(x: mx.array) -> np.ndarray:
-    h = cpu_ops.host(x)
+    h = host(x)
     return h.reshape(-1, h.shape[-1])
 
 
 def _ce_rows(z: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    logp = _log_softmax(z)
+    logp = log_softmax(z)
     return -logp[np.arange(len(z)), targets]
 
 
 def _kl_parts(z: np.ndarray, zt: np.ndarray, t: float):
-    log_ps, log_pt = _log_softmax(z / t), _log_softmax(zt / t)
+    log_ps, log_pt = log_softmax(z / t), log_softmax(zt / t)
     pt = np.exp(log_pt)
     gap = log_pt - log_ps
     return log_ps, pt, gap, (pt * gap).sum(axis=-1)
@@ -51,8 +46,8 @@ def _targets(targets: mx.array) -> np.ndarray:
 
 def _ce_grad(rows: np.ndarray, targets: np.ndarray, cotangent: mx.array) -> np.ndarray:
     """cotangent · (softmax(z) − onehot(target)), row by row."""
-    dce = cpu_ops.host(cotangent).reshape(-1, 1)
-    g = np.exp(_log_softmax(rows))
+    dce = host(cotangent).reshape(-1, 1)
+    g = np.exp(log_softmax(rows))
     g *= dce
     g[np.arange(len(rows)), targets] -= dce[:, 0]
     return g
@@ -86,7 +81,7 @@ def _ce_kl_rows_vjp(primals, cotangents, outputs):
     temp = float(t.item())
     rows, trows = _rows(z), _rows(zt)
     g = _ce_grad(rows, _targets(targets), cotangents[0])
-    dkl = cpu_ops.host(cotangents[1]).reshape(-1, 1)
+    dkl = host(cotangents[1]).reshape(-1, 1)
     log_ps, pt, gap, kl = _kl_parts(rows, trows, temp)
     diff = np.exp(log_ps) - pt
     g += diff * (dkl / temp)
@@ -100,11 +95,11 @@ def _ce_kl_rows_vjp(primals, cotangents, outputs):
 
 def usable(*arrays: mx.array) -> bool:
     """The numpy path applies: Linux CPU, and the arrays can be read (not inside compile)."""
-    if not cpu_ops.enabled():
+    if not enabled():
         return False
     try:
         for a in arrays:
             mx.eval(a)
-    except cpu_ops._TRANSFORM_ERRORS:
+    except TRANSFORM_ERRORS:
         return False
     return True

@@ -43,7 +43,12 @@ def ranks(args: list[str], tmp: Path, n: int = 2) -> list[subprocess.Popen]:
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
-    errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:  # never leave a rank behind
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     return [(p.returncode, err) for p, err in zip(procs, errs)]
 
 

@@ -25,6 +25,13 @@ N_SAMPLES_PER_TOKEN = HOP_LENGTH * 2  # the encoder's conv stride halves the fra
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 10 ms per frame
 TOKENS_PER_SECOND = SAMPLE_RATE // N_SAMPLES_PER_TOKEN  # 20 ms per audio token
 
+# Native sample rates we accept: beyond telephone (8 kHz) and studio (768 kHz) audio a
+# header is hostile or broken, and resampling from 1 Hz would multiply the length 16000x.
+MIN_RATE, MAX_RATE = 1000, 768_000
+# Files are decoded and mixed to mono this many frames at a time, so memory follows the
+# mono length (a 6-channel file costs no more than a mono one), not the header's claims.
+BLOCK_FRAMES = 1 << 15
+
 # soxr "HQ": measured on a 60 s 44.1 kHz file it takes ~8 ms, is as close to faster-whisper's
 # PyAV/swresample output (~74 dB SNR) as soxr_vhq/mq, and far faster than kaiser/fft/scipy.
 RESAMPLE_TYPE = "soxr_hq"
@@ -61,11 +68,10 @@ def _decode_file(path: str, sr: int) -> np.ndarray:
         raise AudioError(f"audio file not found: {path}")
     if os.path.isdir(path):
         raise AudioError(f"cannot decode {path} as audio: it is a directory")
+    if not os.path.isfile(path):  # a pipe or a device could be read forever
+        raise AudioError(f"cannot decode {path} as audio: it is not a regular file")
     try:
-        import soundfile as sf
-
-        data, native_sr = sf.read(path, dtype="float32", always_2d=True)
-        audio = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+        audio, native_sr = _read_mono(path)
     except Exception as sf_err:  # libsndfile can't read it; try librosa's other backends
         try:
             import librosa
@@ -74,13 +80,33 @@ def _decode_file(path: str, sr: int) -> np.ndarray:
                 warnings.simplefilter("ignore")
                 audio, native_sr = librosa.load(path, sr=None, mono=True, dtype=np.float32)
         except Exception:
-            raise AudioError(f"cannot decode {path} as audio: {sf_err}") from sf_err
+            raise AudioError(f"cannot decode {path} as audio: {str(sf_err).rstrip('.')}; the "
+                             f"file may be truncated, or not audio at all") from sf_err
     audio = _check_finite(audio, f" in {path}")  # before resampling smears NaNs everywhere
-    return resample(audio, int(native_sr), sr)
+    return resample(audio, int(native_sr), sr, where=f" of {path}")
 
 
-def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+def _read_mono(path: str) -> tuple[np.ndarray, int]:
+    """Decode with libsndfile, mixing each block of frames down to mono as it comes."""
+    import soundfile as sf
+
+    blocks = []
+    with sf.SoundFile(path) as f:
+        while True:
+            block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+            if not len(block):
+                break
+            blocks.append(block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0])
+        native_sr = f.samplerate
+    return (np.concatenate(blocks) if blocks else np.zeros(0, np.float32)), native_sr
+
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE, where: str = "") -> np.ndarray:
     """Resample mono float audio with soxr (via librosa); a no-op if the rates agree."""
+    for rate in (orig_sr, target_sr):
+        if not MIN_RATE <= rate <= MAX_RATE:
+            raise AudioError(f"unsupported sample rate {rate} Hz{where} "
+                             f"(audio from {MIN_RATE} to {MAX_RATE} Hz can be read)")
     if orig_sr == target_sr or audio.size == 0:
         return audio.astype(np.float32, copy=False)
     import librosa
@@ -89,17 +115,32 @@ def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> n
     return out.astype(np.float32, copy=False)
 
 
+def _as_numpy(array: np.ndarray | mx.array) -> np.ndarray:
+    if isinstance(array, mx.array):  # numpy has no bfloat16
+        return np.array(array.astype(mx.float32) if array.dtype == mx.bfloat16 else array)
+    try:
+        return np.asarray(array)
+    except (ValueError, TypeError) as e:  # ragged nested lists
+        raise AudioError(f"audio must be an array of samples: {e}") from None
+
+
 def _array_to_mono(array: np.ndarray | mx.array) -> np.ndarray:
-    audio = np.array(array) if isinstance(array, mx.array) else np.asarray(array)
-    if np.issubdtype(audio.dtype, np.integer):
-        audio = audio.astype(np.float32) / float(np.iinfo(audio.dtype).max + 1)
+    audio = _as_numpy(array)
+    if np.issubdtype(audio.dtype, np.unsignedinteger):  # centred on half the range (8-bit WAV)
+        half = float(np.iinfo(audio.dtype).max // 2 + 1)
+        audio = (audio.astype(np.float64) - half) / half
+    elif np.issubdtype(audio.dtype, np.integer):
+        audio = audio.astype(np.float64) / float(np.iinfo(audio.dtype).max + 1)
     elif not np.issubdtype(audio.dtype, np.floating):
         raise AudioError(f"audio array must be float or integer, got dtype {audio.dtype}")
+    if audio.ndim == 2 and 0 in audio.shape:
+        return np.zeros(0, np.float32)
     if audio.ndim == 2:
         audio = audio.mean(axis=0 if audio.shape[0] < audio.shape[1] else 1)
     elif audio.ndim != 1:
         raise AudioError(f"audio array must be 1-D or 2-D (samples x channels), got shape {audio.shape}")
-    return audio.astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # beyond float32: infinite, and refused as such
+        return audio.astype(np.float32, copy=False)
 
 
 def pad_or_trim(array: np.ndarray | mx.array, length: int = N_SAMPLES, axis: int = -1):

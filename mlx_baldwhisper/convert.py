@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from . import locks
 from .folders import OutputExistsError, check_output, is_empty
 from .load import build_model, resolve_dtype
 from .quantize import quantize_model
@@ -46,11 +47,18 @@ def fixed_positions(dims) -> int:
 
 def convert(source: Optional[str], mlx_path: str, dtype: str = "float16",
             surgery: Optional[Surgery] = None, force: bool = False, log=print):
-    """Read ``source``, apply ``surgery``, and write an MLX model folder at ``mlx_path``."""
+    """Read ``source``, apply ``surgery``, and write an MLX model folder at ``mlx_path``.
+
+    ``mlx_path`` is locked first, so a second conversion into it is refused at once
+    (OutputBusyError); a full disk is a DiskFullError that leaves an earlier folder there.
+    """
+    with locks.hold(mlx_path):
+        return _convert(source, Path(mlx_path), dtype, surgery or Surgery(), force, log)
+
+
+def _convert(source: Optional[str], out: Path, dtype: str, surgery: Surgery, force: bool, log):
     from mlx.utils import tree_flatten
 
-    surgery = surgery or Surgery()
-    out = Path(mlx_path)
     check_output(out, force, option="--mlx-path")
     if out.is_dir() and not is_empty(out) and not force:
         raise OutputExistsError(f"--mlx-path {out} is an existing model folder "

@@ -1,38 +1,61 @@
-"""A cache of encoder outputs per clip.
+"""A cache of encoder outputs per clip, which can never serve features that are stale.
 
 All BaldWhisper stages train only the decoder, so a frozen encoder runs once per clip
 and its outputs are reused by every step, every stage and every evaluation: that is
 what makes decoder-only training affordable on a laptop CPU.
+
+An entry's key hashes everything its features depend on: every byte of the encoder's
+weights, its dimensions (mel bins, audio context) and dtype, the mel front end's
+settings (:func:`encoder_fingerprint`), and the clip's content: the log-Mel input
+itself, or the audio file's bytes, never only its path. Change any of them and the
+clip is encoded again. Each file ends with a checksum of its data, so an entry that
+is truncated or damaged is deleted and recomputed, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import AudioError
+from .audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError
 from .dataset import ClipTooLongError, load_mel
+from .diskspace import size_text, writing
 
 log = logging.getLogger(__name__)
 
+# An entry: the .npy bytes of the features, then MAGIC and the SHA-256 of those bytes.
+MAGIC = b"MBWFEAT1"
+_TRAILER = len(MAGIC) + 32
+# Our files in a cache folder (named by key; an older layout used SHA-1 names) and the
+# temp files a killed process can leave: --clear-cache deletes these and nothing else.
+_OURS = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?(?:\.npy|\.\d+\.tmp|\.\d+\.tmp\.npy)")
+
 
 def encoder_fingerprint(model: Any) -> str:
-    """A cheap identity for a model's encoder (dims, dtype and per-tensor sums), for
-    ``FeatureCache`` keys when the caller has no better name."""
+    """Identity of what turns a clip into features: a SHA-256 over the encoder's weights
+    (every byte, with names, shapes and dtypes), its dimensions and dtype, and the mel
+    front end's settings."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     d = model.dims
-    h = hashlib.sha1(f"{d.n_mels},{d.n_audio_ctx},{d.n_audio_state},{d.n_audio_layer},{model.dtype}".encode())
+    h = hashlib.sha256(
+        f"mel sr={SAMPLE_RATE} n_fft={N_FFT} hop={HOP_LENGTH} window={N_SAMPLES} n_mels={d.n_mels}; "
+        f"encoder ctx={d.n_audio_ctx} state={d.n_audio_state} heads={d.n_audio_head} "
+        f"layers={d.n_audio_layer} dtype={model.dtype}".encode())
     for name, w in tree_flatten(model.encoder.parameters()):
-        s = mx.sum(w.astype(mx.float32)).item()
-        h.update(f"{name}{tuple(w.shape)}{s:.6e}".encode())
-    return h.hexdigest()[:16]
+        w = mx.contiguous(w)
+        mx.eval(w)
+        h.update(f"\n{name} {w.dtype} {tuple(w.shape)}\n".encode())
+        h.update(memoryview(w).cast("B"))
+    return h.hexdigest()
 
 
 def encode_mels(model: Any, mels: np.ndarray) -> np.ndarray:
@@ -44,12 +67,53 @@ def encode_mels(model: Any, mels: np.ndarray) -> np.ndarray:
     return np.array(feats)
 
 
-class FeatureCache:
-    """Encoder outputs per clip, in memory and optionally as ``{directory}/{hash}.npy``.
+def content_digest(item: Any) -> str:
+    """What a clip holds: its log-Mel input when prepared (``.mel``), else the bytes of its
+    audio file, or of its in-memory samples and rate. A string is an audio file's path."""
+    audio = item if isinstance(item, (str, os.PathLike)) else None
+    mel = getattr(item, "mel", None)
+    if audio is None and mel is None:
+        audio = item.audio
+    h = hashlib.sha256()
+    if mel is not None:
+        mel = np.ascontiguousarray(mel)
+        h.update(f"mel {mel.dtype} {mel.shape}\n".encode())
+        h.update(memoryview(mel).cast("B"))
+    elif isinstance(audio, tuple):
+        samples, sr = audio
+        samples = np.ascontiguousarray(samples)
+        h.update(f"samples {samples.dtype} {samples.shape} sr={sr}\n".encode())
+        h.update(memoryview(samples).cast("B"))
+    else:
+        h.update(b"file\n")
+        with open(audio, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
-    The key hashes the clip's name (its path) together with ``encoder_id``, so features
-    of a different encoder are never confused. With a directory and
-    ``keep_in_memory=False``, features are memory-mapped from disk instead of held in RAM.
+
+def _entry(features: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, features)
+    data = buf.getvalue()
+    return data + MAGIC + hashlib.sha256(data).digest()
+
+
+def _check_entry(raw: bytes) -> Optional[str]:
+    """Why a cache file's bytes cannot be used, or None."""
+    if len(raw) < _TRAILER or raw[-_TRAILER:-32] != MAGIC:
+        return "it is truncated or not one of our entries"
+    if hashlib.sha256(raw[:-_TRAILER]).digest() != raw[-32:]:
+        return "its data does not match its checksum"
+    return None
+
+
+class FeatureCache:
+    """Encoder outputs per clip, in memory and optionally as ``{directory}/{key}.npy``.
+
+    ``encoder_id`` names the encoder (:func:`encoder_fingerprint`); each item's key adds
+    its :func:`content_digest`. With a directory and ``keep_in_memory=False``, features
+    are memory-mapped from disk (after their checksum passed) instead of held in RAM.
     """
 
     def __init__(self, encoder_id: str, directory: Union[str, os.PathLike, None] = None,
@@ -60,44 +124,100 @@ class FeatureCache:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_in_memory = keep_in_memory
         self._memory: dict[str, np.ndarray] = {}
+        self._checked: set[str] = set()  # files whose checksum passed (memory-mapped mode)
+        self._digests: dict[int, tuple[Any, str]] = {}  # id(item) -> (item, digest)
 
-    def _hash(self, item: Any) -> str:
-        name = item if isinstance(item, str) else item.name
-        return hashlib.sha1(f"{self.encoder_id}\n{name}".encode()).hexdigest()
+    def _digest(self, item: Any) -> Optional[str]:
+        """The item's content digest, computed once per item; None when unreadable."""
+        if isinstance(item, (str, os.PathLike)):
+            return self._read_digest(item)
+        known = self._digests.get(id(item))
+        if known is not None and known[0] is item:
+            return known[1]
+        digest = self._read_digest(item)
+        if digest is not None:
+            self._digests[id(item)] = (item, digest)
+        return digest
 
-    def _file(self, h: str) -> Optional[Path]:
-        return self.directory / f"{h}.npy" if self.directory is not None else None
+    @staticmethod
+    def _read_digest(item: Any) -> Optional[str]:
+        try:
+            return content_digest(item)
+        except OSError:  # a missing or unreadable file: not cached; loading it says why
+            return None
+
+    def _key(self, item: Any) -> Optional[str]:
+        digest = self._digest(item)
+        return None if digest is None else hashlib.sha256(
+            f"{self.encoder_id}\n{digest}".encode()).hexdigest()
+
+    def _file(self, key: str) -> Optional[Path]:
+        return self.directory / f"{key}.npy" if self.directory is not None else None
+
+    def _load(self, key: str) -> Optional[np.ndarray]:
+        """The features on disk for ``key`` once their checksum passed; a damaged entry is
+        deleted (and so recomputed by :meth:`compute`)."""
+        f = self._file(key)
+        if f is None:
+            return None
+        if key in self._checked:
+            return np.load(f, mmap_mode="r")
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:
+            return None
+        reason = _check_entry(raw)
+        if reason is None:
+            try:
+                arr = np.load(io.BytesIO(raw[:-_TRAILER]))
+            except ValueError as e:
+                reason = f"it does not parse ({e})"
+        if reason is not None:
+            log.warning("feature cache: %s is damaged (%s): deleting it; the clip is encoded again",
+                        f, reason)
+            f.unlink(missing_ok=True)
+            return None
+        if self.keep_in_memory:
+            self._memory[key] = arr
+            return arr
+        self._checked.add(key)
+        return np.load(f, mmap_mode="r")
 
     def __contains__(self, item: Any) -> bool:
-        h = self._hash(item)
-        f = self._file(h)
-        return h in self._memory or (f is not None and f.exists())
+        key = self._key(item)
+        return key is not None and (key in self._memory or self._load(key) is not None)
 
     def __len__(self) -> int:
         return len(self._memory)
 
     def get(self, item: Any) -> np.ndarray:
-        h = self._hash(item)
-        if h in self._memory:
-            return self._memory[h]
-        f = self._file(h)
-        if f is None or not f.exists():
-            raise KeyError(f"no cached features for {item if isinstance(item, str) else item.name}")
-        arr = np.load(f, mmap_mode=None if self.keep_in_memory else "r")
-        if self.keep_in_memory:
-            self._memory[h] = arr
-        return arr
+        key = self._key(item)
+        found = None if key is None else self._memory.get(key)
+        if found is None and key is not None:
+            found = self._load(key)
+        if found is None:
+            name = item if isinstance(item, (str, os.PathLike)) else item.name
+            raise KeyError(f"no cached features for {name}")
+        return found
 
     def put(self, item: Any, features: np.ndarray) -> None:
-        h = self._hash(item)
+        key = self._key(item)
+        if key is None:
+            return
         features = np.asarray(features, np.float16)
         if self.keep_in_memory or self.directory is None:
-            self._memory[h] = features
-        f = self._file(h)
-        if f is not None:
-            tmp = f.with_name(f"{h}.{os.getpid()}.tmp.npy")
-            np.save(tmp, features)
+            self._memory[key] = features
+        f = self._file(key)
+        if f is None:
+            return
+        data = _entry(features)
+        tmp = f.with_name(f"{key}.{os.getpid()}.tmp")
+        try:
+            with writing(f, len(data)):
+                tmp.write_bytes(data)
             os.replace(tmp, f)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def stack(self, items: Sequence[Any]) -> np.ndarray:
         return np.stack([self.get(x) for x in items])
@@ -128,3 +248,31 @@ class FeatureCache:
                         self.put(x, f)
                 bar.update(len(todo[b:b + batch_size]))
         return skipped
+
+    # -- the folder as a whole -------------------------------------------------------
+
+    def _own_files(self) -> list[Path]:
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return [f for f in self.directory.iterdir() if f.is_file() and _OURS.fullmatch(f.name)]
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(entries, bytes) of every cache file in the folder, for any model or audio."""
+        files = self._own_files()
+        return len(files), sum(f.stat().st_size for f in files)
+
+    def size_report(self) -> str:
+        if self.directory is None:
+            return f"feature cache: {len(self)} clips in memory"
+        n, size = self.disk_usage()
+        return (f"feature cache {self.directory}: {n} entries, {size_text(size)} on disk "
+                f"(--clear-cache empties it)")
+
+    def clear(self) -> tuple[int, int]:
+        """Delete every cache file in the folder (nothing else in it); (entries, bytes) freed."""
+        n, size = self.disk_usage()
+        for f in self._own_files():
+            f.unlink(missing_ok=True)
+        self._memory.clear()
+        self._checked.clear()
+        return n, size

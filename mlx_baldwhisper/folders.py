@@ -41,7 +41,8 @@ def is_ours(path: Path) -> bool:
 
 
 def is_empty(path: Path) -> bool:
-    return not any(Path(path).iterdir())
+    """Nothing in it but the lock files of our writers (see :mod:`mlx_baldwhisper.locks`)."""
+    return all(p.name.startswith(".") and p.name.endswith(".lock") for p in Path(path).iterdir())
 
 
 def check_output(path: Path, force: bool = False, option: str = "--out") -> None:

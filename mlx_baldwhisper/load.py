@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +25,36 @@ def resolve_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
     return DTYPES[dtype]
 
 
+def _kind(dtype: Any) -> str:
+    """'floating point' for any float dtype (numpy's or MLX's), else the dtype's name."""
+    floating = (mx.issubdtype(dtype, mx.floating) if isinstance(dtype, mx.Dtype)
+                else np.issubdtype(dtype, np.floating))
+    return "floating point" if floating else str(dtype).split(".")[-1]
+
+
+def check_fits(model: Whisper, weights: dict[str, Any], source: str) -> None:
+    """The checkpoint's tensor names, shapes and dtypes against the model its config
+    describes. MLX builds a model lazily, so this runs before anything is allocated: a
+    config that asks for absurd sizes, or disagrees with its weights, costs no memory."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    problems: list[str] = []
+    for k in sorted(expected.keys() & weights.keys()):
+        want, got = expected[k], weights[k]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{k} is {tuple(got.shape)} where the config needs {tuple(want.shape)}")
+        elif _kind(got.dtype) != _kind(want.dtype):
+            problems.append(f"{k} holds {str(got.dtype).split('.')[-1]} values where the model "
+                            f"needs {_kind(want.dtype)}")
+    problems += [f"{k} is missing" for k in sorted(expected.keys() - weights.keys())]
+    problems += [f"{k} is not part of this model" for k in sorted(weights.keys() - expected.keys())]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ModelLoadError(f"the weights of {source} do not match its config: "
+                             f"{'; '.join(problems[:3])}{more}")
+
+
 def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper:
     model = Whisper(ckpt.dims, ckpt.alignment_heads)
     model.extra_config = dict(ckpt.extra)
@@ -36,6 +66,7 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
                     class_predicate=lambda path, m: {"group_size": sizes[path], "bits": quant["bits"]}
                     if path in sizes else False)
+    check_fits(model, ckpt.weights, ckpt.source)
     target = resolve_dtype(dtype)
     weights = []
     for k, v in ckpt.weights.items():
@@ -43,10 +74,7 @@ def build_model(ckpt: Checkpoint, dtype: str | mx.Dtype = mx.float32) -> Whisper
         if mx.issubdtype(a.dtype, mx.floating):
             a = a.astype(target)
         weights.append((k, a))
-    try:
-        model.load_weights(weights, strict=True)
-    except ValueError as e:
-        raise ModelLoadError(f"weights from {ckpt.source} do not fit the model: {e}") from None
+    model.load_weights(weights, strict=True)
     model.set_dtype(target, predicate=lambda t: mx.issubdtype(t, mx.floating))
     mx.eval(model.parameters())
     model.source = ckpt.source

@@ -187,7 +187,7 @@ def test_feature_cache_runs_encoder_once(tmp_path):
     assert cache.get(items[3]).dtype == np.float16 and (cache.get(items[3]) == 6).all()
 
     on_disk = FeatureCache("enc-a", tmp_path / "feats", keep_in_memory=False)
-    assert items[3] in on_disk and (on_disk.get("clip3") == 6).all()
+    assert items[3] in on_disk and (on_disk.get(items[3]) == 6).all()
     assert items[3] not in FeatureCache("enc-b", tmp_path / "feats")
     batch = Batcher(items, 2, shuffle=False, features=on_disk, include_mel=False).next_batch()
     assert batch["features"].shape == (2, 4, 2) and "mel" not in batch

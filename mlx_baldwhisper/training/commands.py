@@ -32,6 +32,7 @@ class StageOptions:
     force: bool
     language_token: Optional[str]
     cache_dir: Optional[str]
+    clear_cache: bool
     max_steps: Optional[int]
     batch_size: Optional[int]
     lr: Optional[float]
@@ -59,9 +60,13 @@ class StageOptions:
         stage.eval_limit = self.eval_limit or stage.eval_limit
 
     def check_outputs(self, recipe: bool = False) -> None:
-        """Refuse someone else's folder before any slow work starts."""
+        """Refuse someone else's folder, or one another process is writing (its lock is
+        held until the command ends), before any slow work starts."""
         from ..folders import check_output, claim_run_folder, run_folder
+        from .distributed import is_main
 
+        if is_main():  # rank 0 alone writes
+            _lock_until_done(Path(self.out))
         if recipe:
             claim_run_folder(Path(self.out), self.force)
             return
@@ -72,7 +77,7 @@ class StageOptions:
         from .common import load_data
 
         return load_data(model, self.train, self.dev, self.language, self.cache_folder(),
-                         cache_features=freeze_encoder)
+                         cache_features=freeze_encoder, clear_cache=self.clear_cache)
 
     def cache_folder(self) -> str:
         """Encoder features are cached beside the output, so stages of one run share them."""
@@ -84,6 +89,16 @@ class StageOptions:
             model.extra_config["language_tokens"] = {
                 **model.extra_config.get("language_tokens", {}), self.language: token}
         return model
+
+
+def _lock_until_done(out: Path) -> None:
+    """Lock ``out`` for this process until the running command ends."""
+    from .. import locks
+
+    locks.acquire(out)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: locks.release(out))
 
 
 def _print_config(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -114,6 +129,9 @@ STAGE_OPTIONS = [
     click.option("--cache-dir", default=None,
                  help="Folder for cached encoder features (default: 'cache' beside --out). "
                       "About n_audio_ctx x n_audio_state x 2 bytes per clip: 1.5 MB for base."),
+    click.option("--clear-cache", is_flag=True,
+                 help="Empty the feature cache folder first (only the cache's own files are "
+                      "deleted). Its size is reported after encoding either way."),
     click.option("--max-steps", type=POSITIVE, default=None, help="Optimizer steps (overrides the config)."),
     click.option("--batch-size", type=POSITIVE, default=None, help="Clips per batch (overrides the config)."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -260,7 +278,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         cfg = opts.config()
         chosen = tuple(x.strip() for x in stages.split(",") if x.strip()) if stages else None
         recipe = Recipe(opts.train, opts.dev, opts.out, cfg, resume=opts.resume, stages=chosen,
-                        force=opts.force, cache_dir=opts.cache_dir)
+                        force=opts.force, cache_dir=opts.cache_dir, clear_cache=opts.clear_cache)
         try:
             recipe.run()
         except KeyboardInterrupt as e:

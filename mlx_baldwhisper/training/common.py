@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,6 +19,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 
 from .. import backends
+from ..diskspace import size_text, writing
 from ..decoding import tokenizer_for
 from ..evaluate import error_rates, evaluate
 from ..model import Whisper
@@ -45,8 +48,10 @@ class StageData:
 
 
 def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Optional[str],
-              cache_features: bool = True, max_tokens: Optional[int] = None) -> StageData:
-    """Read and prepare both manifests; cache encoder outputs unless the encoder trains."""
+              cache_features: bool = True, max_tokens: Optional[int] = None,
+              clear_cache: bool = False) -> StageData:
+    """Read and prepare both manifests; cache encoder outputs unless the encoder trains
+    (``clear_cache`` empties the cache folder first)."""
     tk = tokenizer_for(model, language)
     limit = max_tokens or model.dims.n_text_ctx // 2
     skipped: list[tuple[str, str]] = []
@@ -61,17 +66,24 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
                          f"({len(skipped)} skipped; see the warnings above)")
     features = None
     if cache_features:
-        features = cache_features_shared(model, sets[1] + sets[0], cache_dir)
+        features = cache_features_shared(model, sets[1] + sets[0], cache_dir, clear_cache)
     return StageData(sets[0], sets[1], language, features, skipped)
 
 
 def cache_features_shared(model: Whisper, items: list[TokenizedExample],
-                          cache_dir: Optional[str]) -> FeatureCache:
+                          cache_dir: Optional[str], clear: bool = False) -> FeatureCache:
     """Encoder outputs of every clip. Several processes split the encoding: each writes its
     share to ``cache_dir``, a folder all of them read (on several hosts, a shared folder at
-    the same path), so afterwards each one loads the rest from disk."""
+    the same path), so afterwards each one loads the rest from disk. Rank 0 reports the
+    cache's size, and empties it first when asked."""
     features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True)
     rank, size = distributed.rank(), distributed.size()
+    if clear:
+        if rank == 0:
+            n, freed = features.clear()
+            print(f"cleared the feature cache {cache_dir}: {n} entries, {size_text(freed)}",
+                  file=sys.stderr)
+        distributed.barrier()
     if size > 1:
         features.compute(model, items[rank::size], batch_size=4, progress=rank == 0)
         distributed.barrier()
@@ -80,6 +92,8 @@ def cache_features_shared(model: Whisper, items: list[TokenizedExample],
             log.warning("rank %d does not see %d clips the other ranks cached in %s: encoding them "
                         "here too (share the cache folder to avoid this)", rank, missing, cache_dir)
     features.compute(model, items, batch_size=4, progress=rank == 0)
+    if rank == 0:
+        print(features.size_report(), file=sys.stderr)
     return features
 
 
@@ -148,7 +162,14 @@ def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, A
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` whole (a killed process leaves the old or the new file); a full
+    disk is a DiskFullError naming it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)
+    text = json.dumps(data, indent=2, default=str)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(path, len(text)):
+            tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

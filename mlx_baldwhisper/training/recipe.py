@@ -9,6 +9,7 @@ when the recipe is restarted; an unfinished one resumes from its last checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from .. import locks
 from ..decoding import DecodingOptions
 from ..evaluate import evaluate, save_hypotheses
 from ..folders import claim_run_folder
@@ -126,7 +128,7 @@ class Recipe:
 
     def __init__(self, train: str, dev: str, out: str, cfg: RecipeConfig, resume: bool = True,
                  stages: Optional[tuple[str, ...]] = None, force: bool = False,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, clear_cache: bool = False):
         unknown = set(stages or ()) - set(STEPS)
         if unknown:
             raise ValueError(f"unknown stage(s) {', '.join(sorted(unknown))}; "
@@ -134,6 +136,7 @@ class Recipe:
         self.train, self.dev, self.out, self.cfg, self.resume = train, dev, Path(out), cfg, resume
         self.stages = tuple(stages or STEPS)
         self.force, self.cache_dir = force, cache_dir or str(self.out / "cache")
+        self.clear_cache = clear_cache
         self.results_path = self.out / "results.json"
         self.results: dict[str, Any] = {"stages": {}}
         self._reload()
@@ -173,15 +176,25 @@ class Recipe:
         return name == "untuned" or (self.out / name).exists()
 
     def run(self) -> dict[str, Any]:
+        """Each selected stage's output is locked first: another process running one of the
+        same stages into ``out`` is refused at once (OutputBusyError), while processes
+        running different stages (``--stages``) share ``out``."""
+        with contextlib.ExitStack() as held:
+            if is_main():
+                claim_run_folder(self.out, self.force)
+                for step in self.stages:
+                    held.enter_context(locks.hold(self.out / step))
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if is_main():
-            claim_run_folder(self.out, self.force)
         self._write_config()
         base = load_model(cfg.model)
         if cfg.language_token:
             base.extra_config["language_tokens"] = {cfg.language: cfg.language_token}
         start = time.perf_counter()
-        data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir)
+        data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir,
+                         clear_cache=self.clear_cache)
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
         self.inputs = StageInputs(_StageModels(self, base), data, cfg, self._merge_weights,

@@ -29,11 +29,14 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .. import locks
+from ..diskspace import writing
 from ..folders import claim_run_folder
 from . import distributed
 from .distributed import shard
+from .common import write_json
 from .checkpoint import (CKPT_DIR, capture_rng_state, latest_checkpoint, load_checkpoint,
-                         read_checkpoint_state, save_checkpoint)
+                         read_checkpoint_state, resumable_checkpoint, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -340,32 +343,37 @@ class Trainer:
         check_resumable(self.out_dir, old, self._run_config())
 
     def _resume(self, batches: BatchSource) -> bool:
-        found = latest_checkpoint(self.out_dir)
-        state = read_checkpoint_state(self.out_dir) if found else {}
+        found = resumable_checkpoint(self.out_dir)
+        state = read_checkpoint_state(found) if found else {}
         distributed.same_everywhere(state.get("step", -1), f"the last checkpoint in {self.out_dir}")
         if found is None:
             log.info("no checkpoint in %s: starting from scratch", self.out_dir)
             return False
         self._check_settings(state.get("config", {}))
-        extra = load_checkpoint(self.out_dir, self.model, self.optimizer,
-                                extra_modules=self.extra_modules)
+        extra = load_checkpoint(found, self.model, self.optimizer, extra_modules=self.extra_modules)
         t = extra["trainer"]
         self.step, self.best, self.bad_evals = t["step"], t["best"], t["bad_evals"]
         self.last_eval_step, self.elapsed_before = t["last_eval_step"], t["elapsed"]
         batches.load_state_dict(extra["data"])
         self._saved_step = self.step
-        self._truncate_metrics(self.step)
-        log.info("resumed from step %d", self.step)
+        self._truncate_metrics()
+        log.info("resumed from step %d (%s)", self.step, found)
         return True
 
     # -- logging ------------------------------------------------------------------
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records past ``step`` (written after the checkpoint we resume from)."""
+    def _truncate_metrics(self) -> None:
+        """Drop the records written after the checkpoint we resume from (later steps, and
+        an evaluation of its own step that it does not count), and a last line that a
+        killed process left half written."""
         if not self.metrics_path.exists() or not distributed.is_main():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+
+        def before(line: str) -> bool:
+            kind, step = _record_key(line)
+            return step < self.step or (step == self.step and (
+                kind != "eval" or self.last_eval_step == self.step))
+        keep = [ln for ln in self.metrics_path.read_text().splitlines() if before(ln)]
         tmp = self.metrics_path.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.metrics_path)
@@ -373,8 +381,9 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not distributed.is_main():
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with writing(self.metrics_path, len(line)), open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line)
 
     # -- one optimizer step ----------------------------------------------------------
 
@@ -452,7 +461,7 @@ class Trainer:
             self.best, self.bad_evals = value, 0
             if distributed.is_main():
                 self.save_best(self.model, self.out_dir / "best")
-                (self.out_dir / "best.json").write_text(json.dumps({"step": self.step, **res}))
+                write_json(self.out_dir / "best.json", {"step": self.step, **res})
         else:
             self.bad_evals += 1
         self._write_metrics({"kind": "eval", "step": self.step, "elapsed": self._elapsed(),
@@ -525,8 +534,15 @@ class Trainer:
     def train(self, batches: BatchSource, resume: bool = False) -> TrainResult:
         """Run to max_steps, an early stop or an interrupt (see TrainResult.status).
 
-        Raises NonFiniteLossError on a NaN/inf loss, leaving the last checkpoint as is.
+        Raises NonFiniteLossError on a NaN/inf loss, leaving the last checkpoint as is, and
+        OutputBusyError when another process trains in ``out_dir``.
         """
+        if not distributed.is_main():  # rank 0 writes, so rank 0 alone holds the lock
+            return self._train(batches, resume)
+        with locks.hold(self.out_dir):
+            return self._train(batches, resume)
+
+    def _train(self, batches: BatchSource, resume: bool) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -594,6 +610,15 @@ class Trainer:
                 plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
         distributed.barrier()  # rank 0's checkpoint and model folder are complete
         return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir), last_loss)
+
+
+def _record_key(line: str) -> tuple[str, float]:
+    """(kind, step) of one metrics.jsonl line; a line cut short by a crash comes after all."""
+    try:
+        record = json.loads(line)
+        return str(record.get("kind")), int(record.get("step", 0))
+    except (ValueError, AttributeError):
+        return "torn", math.inf
 
 
 def plot_metrics(metrics_jsonl: str | os.PathLike, png_path: str | os.PathLike) -> Optional[Path]:

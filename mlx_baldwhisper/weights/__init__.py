@@ -6,13 +6,27 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import Checkpoint, ModelLoadError
+from ..dims import InvalidDimensionsError
+from .checkpoint import Checkpoint, ModelLoadError, validate
 from . import ct2, embedded
 
 
 def read_checkpoint(path_or_name: str | os.PathLike | None = None) -> Checkpoint:
-    """Read weights from an embedded name, a local file/folder, or a Hugging Face hub id."""
+    """Read weights from an embedded name, a local file/folder, or a Hugging Face hub id.
+
+    Dimensions, alignment heads, quantization and tokenizer are checked here; any
+    disagreement is a ModelLoadError naming it, raised before a model is built.
+    """
     name = str(path_or_name) if path_or_name is not None else embedded.DEFAULT_MODEL
+    try:
+        ckpt = _read(name)
+    except InvalidDimensionsError as e:
+        raise ModelLoadError(f"{name}: {e}") from None
+    validate(ckpt)
+    return ckpt
+
+
+def _read(name: str) -> Checkpoint:
     if embedded.is_embedded(name) and not Path(name).exists():
         return embedded.read(name)
     path = Path(name).expanduser()
@@ -41,8 +55,10 @@ def read_folder(path: Path) -> Checkpoint:
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
     try:
         cfg = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{config} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{config} must hold a JSON object, not {type(cfg).__name__}")
     if "n_audio_state" in cfg or "dims" in cfg:
         from . import mlx_folder
         return mlx_folder.read(path, cfg)

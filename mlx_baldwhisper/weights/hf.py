@@ -103,8 +103,8 @@ def _load_safetensors(f: Path) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"{f} is corrupt or unreadable: {e}") from None
     out = {}
     for k, a in arrays.items():
-        if a.dtype not in (mx.float16, mx.float32):
-            a = a.astype(mx.float32)
+        if a.dtype not in (mx.float16, mx.float32) and mx.issubdtype(a.dtype, mx.floating):
+            a = a.astype(mx.float32)  # bfloat16, which numpy lacks; other dtypes are refused later
         out[k] = np.array(a)
     return out
 

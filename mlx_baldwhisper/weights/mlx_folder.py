@@ -7,20 +7,32 @@ the source checkpoint, and the BaldWhisper surgery and quantization applied, so
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from .. import locks
+from ..diskspace import ensure_space, writing
 from ..dims import ModelDimensions
+from ..folders import check_output, is_model_folder
 from .checkpoint import Checkpoint, ModelLoadError
+
+log = logging.getLogger("mlx_baldwhisper")
 
 WEIGHTS = "weights.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "vocabulary.txt", "tokenizer_config.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "special_tokens_map.json")
 OWN_FILES = frozenset({WEIGHTS, "config.json", *TOKENIZER_FILES})  # all that save() writes
+# Beside a folder being saved: ".NAME.mbw-tmp-*" is the new copy being written, and
+# ".NAME.mbw-old-*/NAME" the earlier one while the two are swapped.
+_TMP, _OLD = ".mbw-tmp-", ".mbw-old-"
 
 
 def read(path: Path, cfg: dict[str, Any]) -> Checkpoint:
@@ -68,37 +80,68 @@ def save(model, folder: Path, tokenizer_dir: Path | None, source: str) -> None:
                 shutil.copy2(tokenizer_dir / name, folder / name)
 
 
+def _siblings(folder: Path, kind: str) -> list[Path]:
+    return sorted(folder.parent.glob(f".{glob.escape(folder.name)}{kind}*"))
+
+
+def recover(folder: Path) -> None:
+    """Undo what a killed save left beside ``folder``: an earlier folder it had moved
+    aside goes back in place, and its temp folders are deleted. Call under the lock."""
+    for old in _siblings(folder, _OLD):
+        if (old / folder.name).is_dir() and not folder.exists():
+            os.replace(old / folder.name, folder)
+            log.warning("restored %s, which an interrupted save had moved aside", folder)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in _siblings(folder, _TMP):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bytes_needed(model, tokenizer_dir: Path | None) -> int:
+    from mlx.utils import tree_flatten
+
+    tokenizer = sum((tokenizer_dir / n).stat().st_size for n in TOKENIZER_FILES
+                    if tokenizer_dir is not None and (tokenizer_dir / n).exists())
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) + tokenizer
+
+
+def _install(tmp: Path, folder: Path) -> None:
+    """Put the complete ``tmp`` in place of ``folder`` (see :func:`save_atomic`)."""
+    if not folder.exists():
+        tmp.rename(folder)
+        return
+    if is_model_folder(folder) and {p.name for p in folder.iterdir()} <= OWN_FILES:
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}{_OLD}", dir=folder.parent))
+        os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+        return
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config last
+        os.replace(f, folder / f.name)
+
+
 def save_atomic(model, folder: Path, tokenizer_dir: Path | None, source: str,
                 force: bool = False) -> None:
     """Write a complete folder into a temporary sibling, then put it in place.
 
-    An interrupted save leaves no half folder, and only our own earlier output is
-    replaced: a model folder of ours holding nothing but our files is swapped whole;
-    one that also holds other files, or any folder with ``force``, gets our files
-    replaced one by one and keeps the rest. A folder that is not ours is refused.
+    An interrupted save leaves no half folder (the next save tidies up after a killed
+    one, see :func:`recover`), and only our own earlier output is replaced: a model
+    folder of ours holding nothing but our files is swapped whole; one that also holds
+    other files, or any folder with ``force``, gets our files replaced one by one and
+    keeps the rest. A folder that is not ours is refused, as is a folder another process
+    is writing (OutputBusyError); a full disk is a DiskFullError and changes nothing.
     """
-    import os
-    import tempfile
-
-    from ..folders import check_output, is_model_folder
-
-    check_output(folder, force=force or is_model_folder(folder))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save(model, tmp, tokenizer_dir, source)
-        tmp.chmod(0o755)
-        if not folder.exists():
-            tmp.rename(folder)
-            return
-        if is_model_folder(folder) and {p.name for p in folder.iterdir()} <= OWN_FILES:
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-            return
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config last
-            os.replace(f, folder / f.name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with locks.hold(folder):
+        recover(folder)
+        check_output(folder, force=force or is_model_folder(folder))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        needed = _bytes_needed(model, tokenizer_dir)
+        ensure_space(folder, needed)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}{_TMP}", dir=folder.parent))
+        try:
+            with writing(folder, needed):
+                save(model, tmp, tokenizer_dir, source)
+            tmp.chmod(0o755)
+            _install(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

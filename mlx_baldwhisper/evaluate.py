@@ -13,6 +13,10 @@ English; there are no spelling, number or contraction rules:
 
 WER and CER are corpus-level fractions (0.25 = 25 %) from jiwer over the normalised
 texts; CER counts the single spaces between words as characters.
+
+``evaluate_long_form`` scores the same clips joined into minutes-long recordings and
+transcribed with ``transcribe()``'s defaults, because a model that reads short clips well
+can still drop most of the speech once it has to seek through a long file by itself.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import os
 import time
 import unicodedata
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -31,16 +35,17 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .audio import AudioError
+from .audio import N_SAMPLES, SAMPLE_RATE, AudioError
 from .decoding import DecodingOptions, decode_features
 from .model import Whisper
 from .tokenizer import Tokenizer
-from .dataset import ClipTooLongError, Example, TokenizedExample, load_mel
+from .dataset import ClipTooLongError, Example, TokenizedExample, load_mel, load_samples
 from .features import FeatureCache, encode_mels
 
 log = logging.getLogger(__name__)
 
 _APOSTROPHES = frozenset("'’‘`´")
+LONG_FORM_GAP = 0.5  # seconds of silence between joined clips: a pause between utterances
 Item = Union[Example, TokenizedExample]
 
 
@@ -120,6 +125,127 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
     counts = error_counts(refs, hyps)
     return {**error_rates(counts), "counts": counts, "n": len(rows),
             "seconds": time.perf_counter() - start, "language": base.language,
+            "skipped": [list(s) for s in skipped], "rows": rows}
+
+
+@dataclass
+class Recording:
+    """Consecutive clips joined with silent gaps, and their joined transcript."""
+
+    samples: np.ndarray
+    text: str
+    names: list[str]
+    language: Optional[str]
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / SAMPLE_RATE
+
+
+def join_clips(items: Sequence[Item], seconds: float, gap: float = LONG_FORM_GAP,
+               skipped: Optional[list[tuple[str, str]]] = None) -> list[Recording]:
+    """Join consecutive clips (in the given order) into recordings of about ``seconds``:
+    clips are added until a recording reaches that length, so each is at most one clip
+    longer; the last one holds what is left. A change of language starts a new one.
+    Clips that ``evaluate`` would skip (empty reference, unloadable, over 30 s) are left
+    out and listed in ``skipped``, so both scores cover the same clips."""
+    if seconds <= 0:
+        raise ValueError(f"long-form recordings need a positive length, not {seconds}")
+    if gap < 0:
+        raise ValueError(f"the gap between clips cannot be negative ({gap})")
+    skipped = [] if skipped is None else skipped
+    silence = np.zeros(int(round(gap * SAMPLE_RATE)), np.float32)
+    out: list[Recording] = []
+    parts: list[np.ndarray] = []
+    texts: list[str] = []
+    names: list[str] = []
+    language: Optional[str] = None
+
+    def close() -> None:
+        if parts:
+            joined = [x for p in parts for x in (silence, p)][1:]
+            out.append(Recording(np.concatenate(joined), " ".join(texts), list(names), language))
+        parts.clear()
+        texts.clear()
+        names.clear()
+
+    for it in items:
+        reason = _unusable(it)
+        samples = None
+        if reason is None:
+            try:
+                samples = load_samples(it.audio)
+            except AudioError as e:
+                reason = str(e)
+        if samples is not None and samples.shape[0] > N_SAMPLES:
+            reason = f"longer than 30 s ({samples.shape[0] / SAMPLE_RATE:.1f} s)"
+        if reason is not None or samples is None:
+            log.warning("long form: skipping %s: %s", it.name, reason)
+            skipped.append((it.name, str(reason)))
+            continue
+        if parts and it.language != language:
+            close()
+        language = it.language
+        parts.append(samples)
+        texts.append(it.text.strip())
+        names.append(it.name)
+        if sum(p.shape[0] for p in parts) + gap * SAMPLE_RATE * (len(parts) - 1) >= seconds * SAMPLE_RATE:
+            close()
+    close()
+    return out
+
+
+def _unusable(it: Item) -> Optional[str]:
+    if not normalize(it.text):
+        return "empty reference"
+    if isinstance(it, TokenizedExample) and not os.path.isfile(it.audio):
+        return "its audio is not a file (in-memory clips cannot be joined)"
+    return None
+
+
+def evaluate_long_form(model: Whisper, items: Sequence[Item], seconds: float,
+                       language: Optional[str] = None, gap: float = LONG_FORM_GAP,
+                       batch_size: int = 4, limit: Optional[int] = None, progress: bool = True,
+                       **transcribe_options: Any) -> dict[str, Any]:
+    """Join consecutive ``items`` into recordings of about ``seconds`` (``join_clips``) and
+    score ``transcribe()`` on them with its defaults (timestamps, temperature fallback,
+    conditioning on previous text) unless ``transcribe_options`` say otherwise.
+
+    Text is normalised as in ``evaluate``; the references are the clips' transcripts
+    joined with spaces. ``batch_size`` recordings are transcribed together. Returns
+    ``wer``, ``cer``, ``counts``, ``n`` (recordings), ``clips``, ``audio_seconds``,
+    ``seconds`` (wall time), ``skipped`` and one row per recording.
+    """
+    from .transcribe import transcribe
+
+    start = time.perf_counter()
+    skipped: list[tuple[str, str]] = []
+    chosen = list(items)[:limit] if limit is not None else list(items)
+    recordings = join_clips(chosen, seconds, gap, skipped)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(recordings), desc="long-form", unit="recording", disable=not progress)
+    for b in range(0, len(recordings), batch_size):
+        batch = recordings[b:b + batch_size]
+        langs = [language or r.language for r in batch]
+        texts: list[dict[str, Any]] = [{} for _ in batch]
+        for lang in dict.fromkeys(langs):
+            idx = [i for i, l in enumerate(langs) if l == lang]
+            results = transcribe([batch[i].samples for i in idx], path_or_hf_repo=model,
+                                 language=lang, batch_size=len(idx), **transcribe_options)
+            for i, r in zip(idx, results):
+                texts[i] = r
+        for rec, r in zip(batch, texts):
+            name = rec.names[0] if len(rec.names) == 1 else f"{rec.names[0]} + {len(rec.names) - 1} more"
+            item = Example(name, rec.text, rec.language, key=name)
+            rows.append({**_row(item, r["text"], r["language"]), "clips": rec.names,
+                         "audio_seconds": round(rec.seconds, 2)})
+        bar.update(len(batch))
+    bar.close()
+    counts = error_counts([r["reference_norm"] for r in rows], [r["hypothesis_norm"] for r in rows])
+    return {**error_rates(counts), "counts": counts, "n": len(rows),
+            "clips": sum(len(r["clips"]) for r in rows), "target_seconds": seconds, "gap": gap,
+            "audio_seconds": round(sum(r["audio_seconds"] for r in rows), 2),
+            "seconds": time.perf_counter() - start, "language": language,
             "skipped": [list(s) for s in skipped], "rows": rows}
 
 

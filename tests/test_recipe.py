@@ -33,6 +33,10 @@ def test_recipe_writes_every_model_and_results(corpus):
     assert [t["stage"] for t in final["training"]][-1] == "shear"
     assert len((out / "search" / "trials.jsonl").read_text().splitlines()) == 2
     assert "| final |" in (out / "results.md").read_text()
+    for name in ("untuned", "teacher", "final"):  # long-form scores beside the clip scores
+        assert results["stages"][name]["long_form_n"] == 1, name
+        assert (out / "hypotheses" / f"{name}.long.tsv").exists()
+    assert "long-form WER %" in (out / "results.md").read_text()
     assert json.loads((out / "config.json").read_text())["shear"]["rank"] == 8
     # a second run finds every stage done and does not train again
     again = Recipe(str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(out), cfg).run()

@@ -205,6 +205,12 @@ def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
     main.command(stage.command)(command)
 
 
+def _long_form_path(output: str) -> str:
+    """hyps.tsv -> hyps.long.tsv; hyps -> hyps.long (both formats)."""
+    p = Path(output)
+    return str(p.with_name(f"{p.stem}.long{p.suffix}")) if p.suffix in (".tsv", ".json") else f"{p}.long"
+
+
 def register_training_commands(main: click.Group, friendly: Callable) -> None:
     from .recipe import STEPS
     from .stages import STAGES
@@ -244,17 +250,26 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @click.option("--sample-len", default=None, type=POSITIVE,
                   help="Cap on generated tokens per clip (default: Whisper's 224), as the recipe's "
                        "eval_sample_len.")
+    @click.option("--long-form", "long_form", default=None, metavar="SECONDS",
+                  type=click.FloatRange(min=0, min_open=True),
+                  help="Also join consecutive clips into recordings of about SECONDS and score "
+                       "transcribe() on them (timestamps, temperature fallback, conditioning).")
+    @click.option("--long-form-gap", default=0.5, show_default=True, type=click.FloatRange(min=0),
+                  help="Seconds of silence between the joined clips.")
     @friendly
-    def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len):
-        """WER and CER (normalised text, see evaluate.py) with greedy decoding."""
+    def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
+                     long_form_gap):
+        """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
+        --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
-        from ..evaluate import evaluate, save_hypotheses
+        from ..evaluate import evaluate, evaluate_long_form, save_hypotheses
         from ..load import load_model
         from ..dataset import read_manifest
 
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
-        r = evaluate(load_model(model), read_manifest(manifest, language=language), language=language,
-                     batch_size=batch_size, limit=limit, options=options)
+        whisper, examples = load_model(model), read_manifest(manifest, language=language)
+        r = evaluate(whisper, examples, language=language, batch_size=batch_size, limit=limit,
+                     options=options)
         if r["n"] == 0:
             reasons = "; ".join(f"{name}: {why}" for name, why in r["skipped"][:3])
             raise ValueError(f"no usable utterances in {manifest} ({len(r['skipped'])} skipped"
@@ -263,6 +278,14 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                    f"{len(r['skipped'])} skipped, {r['seconds']:.0f} s)")
         if output:
             save_hypotheses(r, output)
+        if long_form:
+            lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
+                                    batch_size=batch_size, limit=limit)
+            click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
+                       f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
+                       f"audio, {lf['seconds']:.0f} s)")
+            if output:
+                save_hypotheses(lf, _long_form_path(output))
 
     @main.command("recipe")
     @click.option("--stages", default=None,

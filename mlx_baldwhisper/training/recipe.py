@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from .. import locks
 from ..decoding import DecodingOptions
-from ..evaluate import evaluate, save_hypotheses
+from ..evaluate import evaluate, evaluate_long_form, save_hypotheses
 from ..folders import claim_run_folder
 from ..load import load_model
 from ..model import Whisper
@@ -54,6 +54,11 @@ class RecipeConfig:
     # Cap on generated tokens when scoring (None: Whisper's 224). A cap bounds the time an
     # untuned model spends in repetition loops; it cannot change a transcript shorter than it.
     eval_sample_len: Optional[int] = None
+    # Each model is also scored on the dev clips joined into recordings of about this many
+    # seconds, transcribed by transcribe() with timestamps (0 = off): what users run the
+    # models on. ``long_form_gap`` is the silence between the joined clips.
+    long_form_seconds: float = 180.0
+    long_form_gap: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,8 +172,24 @@ class Recipe:
             print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
         self.results["stages"][name] = {"wer": r["wer"], "cer": r["cer"], "n": r["n"],
                                         "params": _params(model), "train_seconds": round(seconds, 1),
-                                        "eval_seconds": round(r["seconds"], 1), **extra}
+                                        "eval_seconds": round(r["seconds"], 1),
+                                        **self._long_form(name, model), **extra}
         self._save_results()
+
+    def _long_form(self, name: str, model: Whisper) -> dict[str, Any]:
+        """Long-form scores of ``model`` on the dev clips (nothing when switched off)."""
+        if not self.cfg.long_form_seconds:
+            return {}
+        data = self.inputs.data
+        r = evaluate_long_form(model, data.dev, self.cfg.long_form_seconds, language=data.language,
+                               gap=self.cfg.long_form_gap, batch_size=self.cfg.eval_batch_size,
+                               progress=is_main())
+        if is_main():
+            save_hypotheses(r, self.out / "hypotheses" / f"{name}.long.tsv")
+            print(f"[{name}] long-form WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}% "
+                  f"({r['n']} recordings, {r['audio_seconds']:.0f} s)")
+        return {"long_form_wer": r["wer"], "long_form_cer": r["cer"], "long_form_n": r["n"],
+                "long_form_eval_seconds": round(r["seconds"], 1)}
 
     def _done(self, name: str) -> bool:
         if name not in self.results["stages"] or (not self.resume and name in self.stages):
@@ -264,12 +285,21 @@ class Recipe:
         self._save_results()
 
 
+def _percent(r: dict[str, Any], key: str) -> str:
+    """A rate as a percentage, "–" when it was not measured (or is NaN)."""
+    v = r.get(key)
+    return "–" if v is None or v != v else f"{100 * v:.2f}"
+
+
 def results_table(results: dict[str, Any]) -> str:
-    rows = ["| model | params | dev WER % | dev CER % | train time (s) | eval time (s) |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | params | dev WER % | dev CER % | long-form WER % | long-form CER % | "
+            "train time (s) | eval time (s) |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, r in results["stages"].items():
-        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {100 * r['wer']:.2f} | {100 * r['cer']:.2f} | "
-                    f"{r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+        evaluating = r["eval_seconds"] + r.get("long_form_eval_seconds", 0.0)
+        rows.append(f"| {name} | {r['params'] / 1e6:.1f}M | {_percent(r, 'wer')} | {_percent(r, 'cer')} | "
+                    f"{_percent(r, 'long_form_wer')} | {_percent(r, 'long_form_cer')} | "
+                    f"{r['train_seconds']:.0f} | {evaluating:.0f} |")
     if "wer_teacher_over_final" in results:
         rows.append(f"\nWER_teacher / WER_final = {results['wer_teacher_over_final']:.3f} (goal ≥ 0.95)")
     return "\n".join(rows) + "\n"

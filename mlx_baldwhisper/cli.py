@@ -247,6 +247,12 @@ PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps
 @click.option("--hallucination-silence-threshold", default=None, type=OrNone(click.FloatRange(min=0)),
               help="With --word_timestamps: skip silences longer than this many seconds around "
               "a segment that looks hallucinated.")
+@click.option("--chunking", default="sequential", show_default=True,
+              type=click.Choice(["sequential", "vad"]),
+              help="How a long file is cut into 30-s windows: sequential (Whisper's, by the "
+              "timestamps it predicts) or vad (at silences found by an energy VAD; the chunks "
+              "are decoded in batches without timestamps, one segment each: for models "
+              "that lost their timestamps).")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Precision of the weights and activations (default float32).")
 @click.option("--batch-size", default=4, type=click.IntRange(min=1), show_default=True,
@@ -275,6 +281,9 @@ def transcribe(audio: tuple[str, ...], model: Optional[str], output_dir: str, ou
             raise click.UsageError("--highlight_words and --max_line_* need --word_timestamps True")
         if options["hallucination_silence_threshold"] is not None:
             raise click.UsageError("--hallucination_silence_threshold needs --word_timestamps True")
+    if options["chunking"] == "vad" and (options["word_timestamps"] or options["clip_timestamps"] != "0"):
+        raise click.UsageError("--chunking vad decodes without timestamps: it cannot take "
+                               "--word_timestamps or --clip_timestamps")
     precision = _dtype(fp16, dtype)
     temps = _temperatures(temperature, temperature_increment_on_fallback)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError,
                     load_audio, log_mel_spectrogram, pad_or_trim)
 from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
+from .chunked import check_chunking, transcribe_vad
 from .load import load_model
 from .model import Whisper
 from .tokenizer import LANGUAGES, language_code
@@ -123,6 +124,7 @@ def transcribe(
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、",
     clip_timestamps: Union[str, Sequence[float]] = "0",
     hallucination_silence_threshold: Optional[float] = None,
+    chunking: str = "sequential",
     dtype: str = "float32",
     batch_size: int = 8,
     on_audio_error: Optional[Callable[[AudioInput, AudioError], None]] = None,
@@ -135,11 +137,14 @@ def transcribe(
     instead, ``None`` prints nothing. ``clip_timestamps`` ("start,end,..." seconds) limits
     the audio transcribed; ``hallucination_silence_threshold`` (seconds; needs
     ``word_timestamps``) skips silences around segments that look hallucinated.
+    ``chunking="vad"`` cuts each input at silences instead and decodes the chunks in
+    batches without timestamps, one segment per chunk (chunked.py, vad.py).
     An input that cannot be loaded raises AudioError, or, given ``on_audio_error``, is
     passed to it with the error and gets None as its result while the others go on.
     """
     single = not isinstance(audio, (list, tuple))
     items = [audio] if single else list(audio)
+    check_chunking(chunking, word_timestamps, clip_timestamps)
     model = _model(path_or_hf_repo, dtype)
     if decode_options.pop("fp16", None):
         warnings.warn("fp16 is chosen when loading: pass dtype='float16'")
@@ -157,6 +162,11 @@ def transcribe(
     if hallucination_silence_threshold is not None and not word_timestamps:
         warnings.warn("hallucination_silence_threshold needs word_timestamps=True; ignored")
         hallucination_silence_threshold = None
+    if chunking == "vad":  # the VAD path lives in chunked.py
+        done = transcribe_vad(model, items, tokenizer, options, language, temperatures,
+                              compression_ratio_threshold, logprob_threshold, no_speech_threshold,
+                              initial, batch_size, verbose, on_audio_error)
+        return done[0] if single else done
 
     loaded = [_stream(i, item, model, language, points, initial, on_audio_error)
               for i, item in enumerate(items)]

@@ -21,6 +21,7 @@ import numpy as np
 
 from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram, pad_or_trim, resample
 from .tokenizer import Tokenizer, UnknownLanguageError, language_code
+from .vad import speech_regions
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ AUDIO_KEYS = ("path", "audio", "file", "audio_filepath", "file_name", "filename"
 TEXT_KEYS = ("sentence", "text", "transcript", "transcription")
 LANGUAGE_KEYS = ("language", "locale", "lang")
 DURATION_KEYS = ("duration", "duration_s", "seconds")
+TIME_PRECISION = 0.02  # seconds per timestamp token
 MANIFEST_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 AudioSource = Union[str, tuple[np.ndarray, int]]
@@ -70,6 +72,8 @@ class TokenizedExample:
 
     The decoder reads ``inputs`` (tokens[:-1]) and predicts ``targets`` (tokens[1:]);
     ``mask`` is 1 only where the target is a text token or eot, never the prompt.
+    ``timestamp_tokens`` is the same clip as one timestamped segment (see
+    :func:`timestamped`), or None when it would not fit; :meth:`with_timestamps` trains on it.
     """
 
     audio: str
@@ -79,10 +83,18 @@ class TokenizedExample:
     tokens: np.ndarray  # int32
     prompt_length: int
     duration: float
+    timestamp_tokens: Optional[np.ndarray] = None
 
     @property
     def name(self) -> str:
         return self.audio
+
+    def with_timestamps(self) -> "TokenizedExample":
+        """This clip with its timestamped targets (its prompt loses <|notimestamps|>)."""
+        if self.timestamp_tokens is None:
+            return self
+        return replace(self, tokens=self.timestamp_tokens, prompt_length=self.prompt_length - 1,
+                       timestamp_tokens=None)
 
     @property
     def inputs(self) -> np.ndarray:
@@ -303,6 +315,27 @@ def prompt_tokens(tokenizer: Tokenizer, language: Optional[str]) -> tuple[int, .
     return tuple(seq) + (tokenizer.no_timestamps,)
 
 
+def segment_end(samples: np.ndarray) -> float:
+    """Where a clip's one segment ends: the end of its speech (the energy VAD's last region,
+    padding included; the whole clip if it finds none), rounded to a timestamp step and
+    kept within (0, 30] s. A clip's trailing silence is not speech, and Whisper's own
+    segments end where the speech does, which is also where long-form seeking resumes."""
+    regions = speech_regions(samples)
+    end = regions[-1][1] / SAMPLE_RATE if regions else samples.shape[0] / SAMPLE_RATE
+    steps = int(round(end / TIME_PRECISION))
+    return min(max(steps, 1), round(N_SAMPLES / SAMPLE_RATE / TIME_PRECISION)) * TIME_PRECISION
+
+
+def timestamped(tokenizer: Tokenizer, prompt: Sequence[int], text_ids: Sequence[int],
+                end: float) -> list[int]:
+    """A clip as one segment, as Whisper is trained with timestamps: the prompt without
+    <|notimestamps|>, then ``<|0.00|> text <|end|>`` and eot."""
+    if not prompt or prompt[-1] != tokenizer.no_timestamps:
+        raise ValueError("the prompt must end with <|notimestamps|>")
+    last = tokenizer.timestamp_begin + int(round(end / TIME_PRECISION))
+    return [*prompt[:-1], tokenizer.timestamp_begin, *text_ids, last, tokenizer.eot]
+
+
 def prepare(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, max_tokens: int = 224,
             report: Optional[Report] = None, dtype: Any = np.float16, progress: bool = False
             ) -> tuple[list[TokenizedExample], list[tuple[str, str]]]:
@@ -310,7 +343,9 @@ def prepare(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, max_
 
     Clips that fail to decode, last over 30 s, or whose text tokens + eot exceed
     ``max_tokens`` (Whisper's sample_len, n_text_ctx // 2) are skipped: each is logged,
-    passed to ``report(name, reason)`` and listed in ``skipped``.
+    passed to ``report(name, reason)`` and listed in ``skipped``. Each item also carries
+    its timestamped targets (``segment_end``, ``timestamped``) when the two timestamps fit
+    within ``max_tokens`` too.
     """
     from tqdm import tqdm
 
@@ -345,7 +380,10 @@ def prepare(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, max_
             continue
         mel = np.asarray(log_mel_spectrogram(pad_or_trim(samples, N_SAMPLES), n_mels), dtype=dtype)
         tokens = np.array(list(prompt) + text_ids + [tokenizer.eot], dtype=np.int32)
+        stamped = None
+        if len(text_ids) + 3 <= max_tokens:
+            stamped = np.array(timestamped(tokenizer, prompt, text_ids, segment_end(samples)), np.int32)
         lang = tokenizer.language if ex.language is None else ex.language
         items.append(TokenizedExample(ex.name, ex.text, lang, mel, tokens, len(prompt),
-                                      samples.shape[0] / SAMPLE_RATE))
+                                      samples.shape[0] / SAMPLE_RATE, stamped))
     return items, skipped

@@ -41,10 +41,12 @@ class StageData:
     features: Optional[FeatureCache]  # None when the encoder is trained
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
-    def batches(self, batch_size: int, seed: int, fraction: float = 1.0) -> Batcher:
+    def batches(self, batch_size: int, seed: int, fraction: float = 1.0,
+                timestamp_prob: float = 0.0) -> Batcher:
+        """Training batches; ``timestamp_prob`` of the clips with timestamped targets."""
         items = self.train[: max(1, int(len(self.train) * fraction))]
         return Batcher(items, batch_size, seed=seed, features=self.features,
-                       include_mel=self.features is None)
+                       include_mel=self.features is None, timestamp_prob=timestamp_prob)
 
 
 def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Optional[str],

@@ -17,6 +17,7 @@ import click
 from ..folders import run_folder
 from ..model import Whisper
 from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
+from .data import TIMESTAMP_PROB
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -27,6 +28,9 @@ class FinetuneConfig:
     batch_size: int = 8
     freeze_encoder: bool = True
     eval_limit: Optional[int] = 100  # dev clips scored during training (all at the end)
+    # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
+    # the rest on text alone: keeps the timestamps long-form transcription relies on.
+    timestamp_prob: float = TIMESTAMP_PROB
 
 
 def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
@@ -43,7 +47,8 @@ def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data),
     )
-    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob),
+                         resume=resume)
 
 
 def _configure(cfg, full: bool = False) -> None:

@@ -3,7 +3,9 @@
 The student is the merged model; the teacher is the frozen fine-tuned model. The
 loss is ``λ·CE(labels) + γ·T²·KL(teacher_T ‖ student_T)`` with a learnable
 temperature T optimised jointly with the student. Both share the frozen encoder, so
-the cached encoder features serve both.
+the cached encoder features serve both. Both losses run over the whole target sequence,
+timestamp tokens included (nothing is masked or suppressed), so the student learns the
+teacher's timestamps too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
+from .data import TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -33,6 +36,9 @@ class RecoverConfig:
     kl_weight: float = 1.0  # γ
     temperature: float = 2.0  # initial value of the learnable temperature
     eval_limit: Optional[int] = 100
+    # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
+    # the rest on text alone: keeps the timestamps long-form transcription relies on.
+    timestamp_prob: float = TIMESTAMP_PROB
 
 
 def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weight: float,
@@ -61,7 +67,8 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
                                           "kl_weight": cfg.kl_weight, **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
-    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction), resume=resume)
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob),
+                         resume=resume)
 
 
 def merged_student(i: StageInputs) -> Whisper:

@@ -22,11 +22,13 @@ import click
 import mlx.core as mx
 import numpy as np
 
+from ..decoding import tokenizer_for
 from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import Surgery, compress
 from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
+from .data import TIMESTAMP_PROB
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -51,14 +53,29 @@ class ShearConfig:
     # uniform share ``uniform_mix`` so unseen tokens keep some weight).
     init: str = "frequency"
     uniform_mix: float = 0.1
+    # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
+    # the rest on text alone: keeps the timestamps long-form transcription relies on.
+    timestamp_prob: float = TIMESTAMP_PROB
 
 
-def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float) -> np.ndarray:
+def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float,
+                      timestamp_prob: float = 0.0, timestamp_begin: Optional[int] = None) -> np.ndarray:
     """Weights for :func:`lowrank.factorize`: how often each token is fed to the decoder in
-    the training set (prompt tokens included), as a distribution mixed with uniform."""
+    the training set (prompt tokens included), as a distribution mixed with uniform.
+
+    A share ``timestamp_prob`` of the clips counts with its timestamped targets. Their
+    timestamp tokens' weight is spread evenly over every timestamp token (from
+    ``timestamp_begin``): long-form windows use all of 0-30 s, while clips show only
+    <|0.00|> and their ends."""
     counts = np.zeros(n_vocab, dtype=np.float64)
     for item in data.train:
-        np.add.at(counts, np.asarray(item.tokens, dtype=np.int64), 1.0)
+        stamped = item.timestamp_tokens if timestamp_prob else None
+        share = timestamp_prob if stamped is not None else 0.0
+        np.add.at(counts, np.asarray(item.tokens, dtype=np.int64), 1.0 - share)
+        if stamped is not None:
+            np.add.at(counts, np.asarray(stamped, dtype=np.int64), share)
+    if timestamp_begin is not None and timestamp_prob:
+        counts[timestamp_begin:] = counts[timestamp_begin:].sum() / max(1, n_vocab - timestamp_begin)
     if counts.sum() == 0:
         return np.full(n_vocab, 1.0 / n_vocab)
     return (1.0 - uniform_mix) * counts / counts.sum() + uniform_mix / n_vocab
@@ -75,7 +92,8 @@ def sheared_student(merged: Whisper, data: StageData, cfg: ShearConfig) -> Whisp
         return merged
     if cfg.init not in ("svd", "frequency"):
         raise ValueError(f"shear init must be 'svd' or 'frequency', not {cfg.init!r}")
-    weights = (token_frequencies(data, merged.dims.n_vocab, cfg.uniform_mix)
+    weights = (token_frequencies(data, merged.dims.n_vocab, cfg.uniform_mix, cfg.timestamp_prob,
+                                 tokenizer_for(merged).timestamp_begin)
                if cfg.init == "frequency" else None)
     return compress(merged, Surgery(rank=cfg.rank, token_weights=weights))
 
@@ -124,7 +142,8 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data),
     )
-    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed), resume=resume)
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob),
+                         resume=resume)
 
 
 def _configure(cfg, rank: Optional[int] = None) -> None:

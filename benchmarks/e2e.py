@@ -77,7 +77,7 @@ def _text_tokens_from_segments(segments) -> list[int]:
 
 
 def ours(model_path: Optional[str], dtype: str = "float32", batch: bool = False,
-         language: str = "en"):
+         language: str = "en", audio_context: Optional[str] = None):
     from mlx_baldwhisper import load_model, transcribe
 
     model = load_model(model_path, dtype=dtype)
@@ -85,7 +85,8 @@ def ours(model_path: Optional[str], dtype: str = "float32", batch: bool = False,
     def run(audio):
         items = audio if isinstance(audio, list) else [audio]
         results = transcribe(items, path_or_hf_repo=model, temperature=0.0, language=language,
-                             condition_on_previous_text=True, batch_size=8 if batch else 1)
+                             condition_on_previous_text=True, batch_size=8 if batch else 1,
+                             audio_context=audio_context)
         out = [{"text": r["text"], "tokens": _text_tokens_from_segments(r["segments"])}
                for r in results]
         return out if isinstance(audio, list) else out[0]
@@ -213,7 +214,9 @@ def machine() -> dict[str, Any]:
 
 @click.command()
 @click.option("--model", "models", multiple=True,
-              help="NAME=PATH of one of our models (repeatable; PATH 'base' = embedded). Default: base.")
+              help="NAME=PATH of one of our models (repeatable; PATH 'base' = embedded), "
+                   "optionally NAME=PATH@CONTEXT to override its audio context (full, dynamic, "
+                   "dynamic:MARGIN, N). Default: base.")
 @click.option("--clips", "clips_dir", default=str(SHARED), show_default=True,
               help="A folder of .flac clips, or a manifest (TSV/CSV/JSONL) of any audio.")
 @click.option("--limit", default=None, type=int, help="Use only the first N clips.")
@@ -243,8 +246,11 @@ def main(models, clips_dir, limit, language, repeats, peers, fw_threads, dtype, 
     engines: list[tuple[str, Callable[[], Callable], bool]] = []
     suffix = "" if dtype == "float32" else f" {dtype}"
     for name, path in specs:
+        path, _, context = path.partition("@")
         p = None if path == "base" else path
-        engines.append((f"ours {name}{suffix}", lambda p=p: ours(p, dtype, language=language), False))
+        engines.append((f"ours {name}{suffix}",
+                        lambda p=p, c=context or None: ours(p, dtype, language=language, audio_context=c),
+                        False))
     if batched and "base" in [n for n, _ in specs]:
         engines.append((f"ours base{suffix}, clips as one batch",
                         lambda: ours(None, dtype, batch=True, language=language), True))

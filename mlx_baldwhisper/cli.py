@@ -174,6 +174,18 @@ def _reason(path: str, error: Exception) -> str:
     return str(error).replace(path, os.path.basename(path)) or type(error).__name__
 
 
+def _audio_context(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Any:
+    if value is None:
+        return None
+    from .audio_context import AudioContext, AudioContextError
+
+    try:
+        AudioContext.parse(value)
+    except AudioContextError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 OPTIONAL_INT = OrNone(click.IntRange(min=1))
 PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps)."
 
@@ -247,6 +259,11 @@ PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps
 @click.option("--hallucination-silence-threshold", default=None, type=OrNone(click.FloatRange(min=0)),
               help="With --word_timestamps: skip silences longer than this many seconds around "
               "a segment that looks hallucinated.")
+@click.option("--audio-context", default=None, callback=_audio_context,
+              help="Encoder positions per 30-s window: full (Whisper's 1500), dynamic (the "
+              "speech plus a margin; dynamic:MARGIN sets it) or a number. Default: the "
+              "model's config.json, else full. Only a model trained for it (the "
+              "audio-context stage) keeps its accuracy when shorter.")
 @click.option("--chunking", default="sequential", show_default=True,
               type=click.Choice(["sequential", "vad"]),
               help="How a long file is cut into 30-s windows: sequential (Whisper's, by the "

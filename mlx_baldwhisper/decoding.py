@@ -18,7 +18,7 @@ import numpy as np
 from . import backends
 from .audio import N_FRAMES
 from .backends.cpu.ops import log_softmax
-from .model import Whisper
+from .model import Whisper, padding_mask
 from .strategies import BeamSearch, Candidates, Sampling, Strategy
 from .tokenizer import Tokenizer, get_tokenizer, language_code
 
@@ -69,11 +69,22 @@ def tokenizer_for(model: Whisper, language: Optional[str] = None, task: Optional
     return get_tokenizer(model.tokenizer_dir, model.is_multilingual, language, task, aliases)
 
 
-def detect_language(model: Whisper, audio_features: mx.array, tokenizer: Tokenizer
+def audio_padding(lengths: Optional[Sequence[int]], positions: int) -> Optional[mx.array]:
+    """The cross-attention padding mask for windows of these lengths, or None when every
+    window fills the ``positions`` (the batch was encoded at one length)."""
+    if lengths is None or all(n >= positions for n in lengths):
+        return None
+    return padding_mask(mx.array(list(lengths)), positions)
+
+
+def detect_language(model: Whisper, audio_features: mx.array, tokenizer: Tokenizer,
+                    audio_lengths: Optional[Sequence[int]] = None
                     ) -> tuple[list[str], list[dict[str, float]]]:
     """One decoder step on <|startoftranscript|>; the most likely language token wins."""
     n = audio_features.shape[0]
-    logits = model.decoder(mx.array([[tokenizer.sot]] * n), audio_features)[0][:, 0]
+    pad = audio_padding(audio_lengths, audio_features.shape[1])
+    logits = model.decoder(mx.array([[tokenizer.sot]] * n), audio_features,
+                           audio_padding=pad)[0][:, 0]
     lang_ids = tokenizer.all_language_tokens
     sub = np.array(logits[:, mx.array(lang_ids)].astype(mx.float32))
     probs = np.exp(log_softmax(sub))
@@ -93,6 +104,7 @@ class LogitRules:
         self.suppress = self._suppress_list(options.suppress_tokens)
         self.timestamps = not options.without_timestamps
         self.max_initial_ts_index = max_initial_ts_index
+        self.last_ts_index: Optional[np.ndarray] = None  # per sequence: the audio's end
 
     def _suppress_list(self, spec) -> list[int]:
         tk = self.tk
@@ -130,6 +142,9 @@ class LogitRules:
             if stamps:  # timestamps never go back in time
                 floor = stamps[-1] if (last_ts and not penult_ts) else stamps[-1] + 1
                 logits[k, tb:floor] = NEG_INF
+        if self.last_ts_index is not None:  # no timestamp past the encoded audio
+            for k, last in enumerate(self.last_ts_index):
+                logits[k, tb + int(last) + 1:] = NEG_INF
         if len(tokens[0]) == self.sample_begin:
             logits[:, :tb] = NEG_INF  # the first token is a timestamp
             if self.max_initial_ts_index is not None:
@@ -187,15 +202,23 @@ class Decoder:
             tokens = [tk.sot_prev] + prompt[-(self.n_ctx // 2 - 1):] + tokens
         return tokens
 
-    def run(self, audio_features: mx.array) -> list[DecodingResult]:
+    def run(self, audio_features: mx.array,
+            audio_lengths: Optional[Sequence[int]] = None) -> list[DecodingResult]:
+        """``audio_lengths``: each window's encoder positions when shorter than the
+        features' (a short audio context); timestamps stop at each window's end."""
         o, tk = self.options, self.tk
-        n_audio = audio_features.shape[0]
+        n_audio, positions = audio_features.shape[:2]
         group = o.beam_size or o.best_of or 1
+        lengths = list(audio_lengths) if audio_lengths is not None else [positions] * n_audio
+        lengths = [n for n in lengths for _ in range(group)]
         if group > 1:
             audio_features = mx.repeat(audio_features, group, axis=0)
+        if positions < self.model.dims.n_audio_ctx or audio_lengths is not None:
+            self.rules.last_ts_index = np.array(lengths)
         starts = self.item_tokens or [self.initial_tokens] * n_audio
         tokens = [list(starts[i]) for i in range(n_audio) for _ in range(group)]
-        with backends.decoding(self.model, len(tokens)) as inference:
+        pad = audio_padding(lengths, positions)
+        with backends.decoding(self.model, len(tokens), pad) as inference:
             strategy: Strategy
             if o.beam_size:
                 strategy = BeamSearch(o.beam_size, tk.eot, n_audio, self.sample_begin,
@@ -265,14 +288,16 @@ def decode(model: Whisper, mel: mx.array, options: DecodingOptions = DecodingOpt
 
 def decode_features(model: Whisper, audio_features: mx.array, options: DecodingOptions,
                     tokenizer: Optional[Tokenizer] = None,
-                    prompts: Optional[list[list[int]]] = None) -> list[DecodingResult]:
+                    prompts: Optional[list[list[int]]] = None,
+                    audio_lengths: Optional[Sequence[int]] = None) -> list[DecodingResult]:
     """Decode encoded windows; items are grouped by language and prompt length, and each
-    group runs as one batch."""
+    group runs as one batch. ``audio_lengths``: each window's encoder positions, when
+    windows of a short audio context were padded to one length (see model.padding_mask)."""
     language = language_code(options.language, model.extra_config.get("language_tokens"))
     tk = tokenizer or tokenizer_for(model, language or "en", options.task)
     probs = None
     if model.is_multilingual and language is None:
-        langs, probs = detect_language(model, audio_features, tk)
+        langs, probs = detect_language(model, audio_features, tk, audio_lengths)
     else:
         langs = [language or tk.language or "en"] * audio_features.shape[0]
     results: list[Optional[DecodingResult]] = [None] * len(langs)
@@ -284,7 +309,11 @@ def decode_features(model: Whisper, audio_features: mx.array, options: DecodingO
         group_prompts = [prompts[i] for i in idx] if prompts else None
         dec = Decoder(model, replace(options, language=lang), tk_l, group_prompts)
         feats = audio_features if len(idx) == len(langs) else audio_features[mx.array(idx)]
-        for i, r in zip(idx, dec.run(feats)):
+        lengths = None
+        if audio_lengths is not None:
+            lengths = [audio_lengths[i] for i in idx]
+            feats = feats[:, :max(lengths)]  # no group pays for a longer window's padding
+        for i, r in zip(idx, dec.run(feats, lengths)):
             r.language_probs = probs[i] if probs else None
             results[i] = r
     return results  # type: ignore[return-value]

@@ -40,7 +40,8 @@ from .decoding import DecodingOptions, decode_features
 from .model import Whisper
 from .tokenizer import Tokenizer
 from .dataset import ClipTooLongError, Example, TokenizedExample, load_mel, load_samples
-from .features import FeatureCache, encode_mels
+from .audio_context import AudioContext, Spec, of_model
+from .features import FeatureCache, encode_mels, pad_stack, speech_frames
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,19 @@ def error_rates(counts: dict[str, float]) -> dict[str, float]:
 def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = None,
              batch_size: int = 8, features: Optional[FeatureCache] = None,
              options: Optional[DecodingOptions] = None, limit: Optional[int] = None,
-             tokenizer: Optional[Tokenizer] = None, progress: bool = True) -> dict[str, Any]:
+             tokenizer: Optional[Tokenizer] = None, progress: bool = True,
+             audio_context: Spec = None) -> dict[str, Any]:
     """Greedy-decode ``items`` (Examples or prepared items) and score them.
 
     The language is ``language`` if given, else ``options.language``, else each item's
     own, else detected. ``limit`` keeps the first N items. Clips that cannot be loaded or
     exceed 30 s, and items whose normalised reference is empty, are skipped with a warning
     and listed in ``skipped``. Returns ``wer``, ``cer`` (fractions), ``n``, ``seconds``
-    (wall time), ``skipped`` and per-utterance ``rows``.
+    (wall time), ``skipped`` and per-utterance ``rows``. Clips are encoded over the model's
+    audio context (``audio_context`` overrides it), or the ``features`` cache's.
     """
     start = time.perf_counter()
+    context = of_model(model, audio_context)
     base = options or DecodingOptions(without_timestamps=True, temperature=0.0)
     if language is not None:
         base = replace(base, language=language)
@@ -108,13 +112,16 @@ def evaluate(model: Whisper, items: Sequence[Item], language: Optional[str] = No
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(todo), desc="evaluating", unit="clip", disable=not progress)
     for b in range(0, len(todo), batch_size):
-        ok, feats = _batch_features(model, todo[b:b + batch_size], features, skipped)
+        ok, feats, lengths = _batch_features(model, todo[b:b + batch_size], features, skipped,
+                                             context)
         langs = [base.language or it.language for it in ok]
         batch_rows: list[dict[str, Any]] = [{} for _ in ok]
         for lang in dict.fromkeys(langs):
             idx = [i for i, l in enumerate(langs) if l == lang]
             audio_features = mx.array(feats[idx]).astype(model.dtype)
-            results = decode_features(model, audio_features, replace(base, language=lang), tokenizer)
+            own = None if lengths is None else [lengths[i] for i in idx]
+            results = decode_features(model, audio_features, replace(base, language=lang),
+                                      tokenizer, audio_lengths=own)
             for i, r in zip(idx, results):
                 batch_rows[i] = _row(ok[i], r.text, r.language)
         rows += batch_rows
@@ -250,8 +257,13 @@ def evaluate_long_form(model: Whisper, items: Sequence[Item], seconds: float,
 
 
 def _batch_features(model: Whisper, batch: list[Item], cache: Optional[FeatureCache],
-                    skipped: list[tuple[str, str]]) -> tuple[list[Item], np.ndarray]:
-    """Encoder features for the loadable items of ``batch`` (cached ones are not re-run)."""
+                    skipped: list[tuple[str, str]], context: AudioContext
+                    ) -> tuple[list[Item], np.ndarray, Optional[list[int]]]:
+    """Encoder features for the loadable items of ``batch`` (cached ones are not re-run),
+    padded to one length, and each item's positions when they differ. Without a cache,
+    clips are encoded over ``context``; a cache encodes over its own."""
+    if cache is not None:
+        context = cache.context
     ok, feats, missing, mels = [], [], [], []
     for it in batch:
         if cache is not None and it in cache:
@@ -269,11 +281,18 @@ def _batch_features(model: Whisper, batch: list[Item], cache: Optional[FeatureCa
         missing.append(len(ok) - 1)
         mels.append(mel)
     if mels:
-        for k, f in zip(missing, encode_mels(model, np.stack(mels))):
+        positions = frames = None
+        if not context.is_full:
+            frames = [speech_frames(ok[k]) for k in missing]
+            positions = [context.positions_for(n, model.dims.n_audio_ctx) for n in frames]
+        for k, f in zip(missing, encode_mels(model, np.stack(mels), positions, frames)):
             feats[k] = f
             if cache is not None:
                 cache.put(ok[k], f)
-    return ok, np.stack(feats) if feats else np.zeros((0,))
+    if not feats:
+        return ok, np.zeros((0,)), None
+    stacked, lengths = pad_stack(feats)
+    return ok, stacked, lengths
 
 
 def _row(it: Item, hypothesis: str, language: str) -> dict[str, Any]:

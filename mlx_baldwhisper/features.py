@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .audio import HOP_LENGTH, N_FFT, N_SAMPLES, SAMPLE_RATE, AudioError
+from .audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError
+from .audio_context import AudioContext
 from .dataset import ClipTooLongError, load_mel
 from .diskspace import size_text, writing
 
@@ -58,13 +60,50 @@ def encoder_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def encode_mels(model: Any, mels: np.ndarray) -> np.ndarray:
-    """Run the encoder on ``(B, N_FRAMES, n_mels)`` mels; float16 numpy features."""
+def speech_frames(item: Any) -> int:
+    """Mel frames of audio in a clip (its 30-s window when its duration is unknown)."""
+    duration = getattr(item, "duration", None)
+    if duration is None:
+        return N_FRAMES
+    return max(1, min(N_FRAMES, math.ceil(duration * SAMPLE_RATE / HOP_LENGTH)))
+
+
+def encode_mels(model: Any, mels: np.ndarray, positions: Optional[Sequence[int]] = None,
+                frames: Optional[Sequence[int]] = None) -> Union[np.ndarray, list[np.ndarray]]:
+    """Run the encoder on ``(B, N_FRAMES, n_mels)`` mels; float16 numpy features.
+
+    With ``positions`` (a short audio context per clip), each clip is encoded over its
+    own positions, as transcription does: the mel past its ``frames`` of audio is
+    zeroed, and the clips share one padded batch. Returns one array per clip then.
+    """
     import mlx.core as mx
 
-    feats = model.embed_audio(mx.array(mels).astype(model.dtype)).astype(mx.float16)
+    if positions is None:
+        feats = model.embed_audio(mx.array(mels).astype(model.dtype)).astype(mx.float16)
+        mx.eval(feats)
+        return np.array(feats)
+    width = max(positions)
+    mel = np.array(mels[:, :2 * width], np.float32)
+    for i, n in enumerate(frames or [N_FRAMES] * len(positions)):
+        mel[i, n:] = 0.0
+    lengths = None if min(positions) == width else mx.array(list(positions))
+    feats = model.embed_audio(mx.array(mel).astype(model.dtype), lengths).astype(mx.float16)
     mx.eval(feats)
-    return np.array(feats)
+    out = np.array(feats)
+    return [out[i, :n] for i, n in enumerate(positions)]
+
+
+def pad_stack(features: Sequence[np.ndarray]) -> tuple[np.ndarray, Optional[list[int]]]:
+    """Features of clips as one zero-padded batch, and each clip's positions when they
+    differ (a short audio context), else None."""
+    lengths = [f.shape[0] for f in features]
+    width = max(lengths)
+    if min(lengths) == width:
+        return np.stack(features), None
+    out = np.zeros((len(features), width, features[0].shape[-1]), features[0].dtype)
+    for i, f in enumerate(features):
+        out[i, :len(f)] = f
+    return out, lengths
 
 
 def content_digest(item: Any) -> str:
@@ -114,11 +153,14 @@ class FeatureCache:
     ``encoder_id`` names the encoder (:func:`encoder_fingerprint`); each item's key adds
     its :func:`content_digest`. With a directory and ``keep_in_memory=False``, features
     are memory-mapped from disk (after their checksum passed) instead of held in RAM.
+    ``context``: the audio context clips are encoded over (default: full 30-s windows);
+    a short one keys each entry by the policy and the clip's length too.
     """
 
     def __init__(self, encoder_id: str, directory: Union[str, os.PathLike, None] = None,
-                 keep_in_memory: bool = True):
+                 keep_in_memory: bool = True, context: Optional[AudioContext] = None):
         self.encoder_id = encoder_id
+        self.context = context or AudioContext()
         self.directory = Path(directory) if directory is not None else None
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -148,8 +190,15 @@ class FeatureCache:
 
     def _key(self, item: Any) -> Optional[str]:
         digest = self._digest(item)
-        return None if digest is None else hashlib.sha256(
-            f"{self.encoder_id}\n{digest}".encode()).hexdigest()
+        if digest is None:
+            return None
+        ctx = "" if self.context.is_full else (
+            f"\ncontext {sorted(self.context.to_dict().items())} frames {speech_frames(item)}")
+        return hashlib.sha256(f"{self.encoder_id}\n{digest}{ctx}".encode()).hexdigest()
+
+    def positions(self, item: Any, n_audio_ctx: int) -> int:
+        """Encoder positions of ``item``'s features under this cache's audio context."""
+        return self.context.positions_for(speech_frames(item), n_audio_ctx)
 
     def _file(self, key: str) -> Optional[Path]:
         return self.directory / f"{key}.npy" if self.directory is not None else None
@@ -219,8 +268,9 @@ class FeatureCache:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def stack(self, items: Sequence[Any]) -> np.ndarray:
-        return np.stack([self.get(x) for x in items])
+    def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, Optional[list[int]]]:
+        """The items' features as one batch, and their lengths if they differ (pad_stack)."""
+        return pad_stack([self.get(x) for x in items])
 
     def compute(self, model: Any, items: Sequence[Any], batch_size: int = 8,
                 progress: bool = True) -> list[tuple[str, str]]:
@@ -244,7 +294,11 @@ class FeatureCache:
                         log.warning("skipping %s: %s", x.name, e)
                         skipped.append((x.name, str(e)))
                 if ok:
-                    for x, f in zip(ok, encode_mels(model, np.stack(mels))):
+                    positions = frames = None
+                    if not self.context.is_full:
+                        frames = [speech_frames(x) for x in ok]
+                        positions = [self.positions(x, model.dims.n_audio_ctx) for x in ok]
+                    for x, f in zip(ok, encode_mels(model, np.stack(mels), positions, frames)):
                         self.put(x, f)
                 bar.update(len(todo[b:b + batch_size]))
         return skipped

@@ -25,6 +25,11 @@ from .kv_cache import KVCache, merge_heads, split_heads
 from .lowrank import LowRankEmbedding
 
 
+def padding_mask(lengths: mx.array, n: int) -> mx.array:
+    """(batch, n) True where a position is past its window's length."""
+    return mx.arange(n)[None, :] >= lengths[:, None]
+
+
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> mx.array:
     """Whisper's fixed encoder positions: [sin | cos] over geometric timescales."""
     half = channels // 2
@@ -52,11 +57,14 @@ class MultiHeadAttention(nn.Module):
         cache: Optional[KVCache] = None,
         cross_kv: Optional[tuple[mx.array, mx.array]] = None,
         need_weights: bool = False,
+        key_padding_mask: Optional[mx.array] = None,
     ) -> tuple[mx.array, Optional[tuple[mx.array, mx.array]], Optional[mx.array]]:
         """Returns (output, cross-attention (k, v) for reuse, attention scores or None).
 
         The cross (k, v) pair is kept in the layout attention uses (:meth:`cross_kv_of`),
         so a decoding step reads it as it is (no per-step scale, transpose or copy).
+        ``key_padding_mask`` (batch, keys): True for keys that are padding (audio windows
+        of different lengths in one batch).
         """
         q = split_heads(self.query(x), self.n_head, self.scale)
         if cross_kv is None and xa is not None:
@@ -68,7 +76,8 @@ class MultiHeadAttention(nn.Module):
             v = split_heads(self.value(x), self.n_head)
             if cache is not None:
                 k, v = cache.update_heads(k, v)
-        out, qk = (attention if need_weights else kernels().attention)(q, k, v, mask)
+        out, qk = (attention if need_weights else kernels().attention)(q, k, v, mask,
+                                                                        key_padding_mask)
         return self.out(merge_heads(out)), cross_kv, qk if need_weights else None
 
     def cross_kv_of(self, xa: mx.array) -> tuple[mx.array, mx.array]:
@@ -97,12 +106,18 @@ class ResidualAttentionBlock(nn.Module):
         cache: Optional[KVCache] = None,
         cross_kv: Optional[tuple[mx.array, mx.array]] = None,
         need_weights: bool = False,
+        self_padding: Optional[mx.array] = None,
+        audio_padding: Optional[mx.array] = None,
     ) -> tuple[mx.array, Optional[tuple[mx.array, mx.array]], Optional[mx.array]]:
-        x = x + self.attn(self.attn_ln(x), mask=mask, cache=cache)[0]
+        """``self_padding`` masks padded keys of self-attention (the encoder's windows of
+        different lengths), ``audio_padding`` those of cross-attention (the same windows,
+        seen by the decoder)."""
+        x = x + self.attn(self.attn_ln(x), mask=mask, cache=cache, key_padding_mask=self_padding)[0]
         w = None
         if self.cross_attn is not None:
             y, cross_kv, w = self.cross_attn(
-                self.cross_attn_ln(x), xa, cross_kv=cross_kv, need_weights=need_weights
+                self.cross_attn_ln(x), xa, cross_kv=cross_kv, need_weights=need_weights,
+                key_padding_mask=audio_padding,
             )
             x = x + y
         x = x + self.mlp2(kernels().gelu(self.mlp1(self.mlp_ln(x))))
@@ -118,8 +133,20 @@ class AudioEncoder(nn.Module):
         self.blocks = [ResidualAttentionBlock(n_state, n_head) for _ in range(n_layer)]
         self.ln_post = nn.LayerNorm(n_state)
 
-    def __call__(self, mel: mx.array) -> mx.array:
-        """mel: (batch, frames, n_mels) -> (batch, frames // 2, n_state)."""
+    def __call__(self, mel: mx.array, lengths: Optional[mx.array] = None) -> mx.array:
+        """mel: (batch, frames, n_mels) -> (batch, frames // 2, n_state).
+
+        Any ``frames`` up to twice the audio context: fewer positions is a shorter audio
+        context. ``lengths`` (batch,): each window's own positions, when windows of
+        different lengths share the batch. Each is then encoded as if alone: the mel
+        past its end is zeroed (what the convolution's padding sees alone) and its padded
+        positions are masked out of every key.
+        """
+        padding = None
+        if lengths is not None:
+            frames = mx.arange(mel.shape[1])[None, :] < 2 * lengths[:, None]
+            mel = mel * frames[..., None].astype(mel.dtype)
+            padding = padding_mask(lengths, mel.shape[1] // 2)
         gelu = kernels().gelu
         x = gelu(self.conv1(mel))
         x = gelu(self.conv2(x))
@@ -129,7 +156,7 @@ class AudioEncoder(nn.Module):
                              f"{self._positional_embedding.shape[0]}")
         x = x + self._positional_embedding[:n].astype(x.dtype)
         for block in self.blocks:
-            x, _, _ = block(x)
+            x, _, _ = block(x, self_padding=padding)
         return self.ln_post(x)
 
 
@@ -156,13 +183,15 @@ class TextDecoder(nn.Module):
         cross_kv: Optional[list] = None,
         need_weights: bool = False,
         return_hidden: bool = False,
+        audio_padding: Optional[mx.array] = None,
     ) -> tuple[mx.array, list, list]:
         """Returns (logits, or the final hidden states if ``return_hidden``, per-layer
         cross (k, v), per-layer cross-attention scores).
 
         ``caches`` holds the self-attention keys/values already seen, so a step only
         feeds the new tokens; ``cross_kv`` holds the encoder projections computed once
-        per audio window.
+        per audio window. ``audio_padding`` (batch, positions) marks padded encoder
+        positions of windows shorter than the batch's longest (:func:`padding_mask`).
         """
         offset = caches[0].offset if caches else 0
         t = tokens.shape[-1]
@@ -173,12 +202,25 @@ class TextDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x, ckv, w = block(
                 x, xa, mask=mask, cache=caches[i] if caches else None,
-                cross_kv=cross_kv[i], need_weights=need_weights,
+                cross_kv=cross_kv[i], need_weights=need_weights, audio_padding=audio_padding,
             )
             new_cross.append(ckv)
             weights.append(w)
         x = self.ln(x)
         return (x if return_hidden else self.token_embedding.as_linear(x)), new_cross, weights
+
+    def layer_states(self, tokens: mx.array, xa: mx.array,
+                     audio_padding: Optional[mx.array] = None) -> tuple[list[mx.array], mx.array]:
+        """Teacher-forced: every block's output and the logits, for distilling the
+        decoder's internal states (the audio-context stage)."""
+        t = tokens.shape[-1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:t]
+        mask = causal_mask(t, 0, x.dtype) if t > 1 else None
+        states = []
+        for block in self.blocks:
+            x = block(x, xa, mask=mask, audio_padding=audio_padding)[0]
+            states.append(x)
+        return states, self.token_embedding.as_linear(self.ln(x))
 
 
 class Whisper(nn.Module):
@@ -209,9 +251,12 @@ class Whisper(nn.Module):
         self.source = "random"
         self.tokenizer_dir = None
 
-    def embed_audio(self, mel: mx.array) -> mx.array:
-        """Encoder output for inference, evaluated, on the platform's fast kernels."""
-        return backends.encode(self.encoder, mel)
+    def embed_audio(self, mel: mx.array, lengths: Optional[mx.array] = None) -> mx.array:
+        """Encoder output for inference, evaluated, on the platform's fast kernels.
+        ``lengths``: positions of each window when they differ (see AudioEncoder)."""
+        if lengths is None:
+            return backends.encode(self.encoder, mel)
+        return backends.encode(lambda m: self.encoder(m, lengths), mel)
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         return self.decoder(tokens, audio_features)[0]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .audio_context import AudioContext, Spec, of_model
 from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError,
                     load_audio, log_mel_spectrogram, pad_or_trim)
 from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
@@ -127,6 +128,7 @@ def transcribe(
     chunking: str = "sequential",
     dtype: str = "float32",
     batch_size: int = 8,
+    audio_context: Spec = None,
     on_audio_error: Optional[Callable[[AudioInput, AudioError], None]] = None,
     **decode_options: Any,
 ) -> Union[Optional[dict[str, Any]], list[Optional[dict[str, Any]]]]:
@@ -139,6 +141,9 @@ def transcribe(
     ``word_timestamps``) skips silences around segments that look hallucinated.
     ``chunking="vad"`` cuts each input at silences instead and decodes the chunks in
     batches without timestamps, one segment per chunk (chunked.py, vad.py).
+    ``audio_context`` ("full", "dynamic", "dynamic:MARGIN" or a number of encoder
+    positions) overrides the model's own policy (audio_context.py; default: its
+    config.json's, else full 30-s windows).
     An input that cannot be loaded raises AudioError, or, given ``on_audio_error``, is
     passed to it with the error and gets None as its result while the others go on.
     """
@@ -146,6 +151,7 @@ def transcribe(
     items = [audio] if single else list(audio)
     check_chunking(chunking, word_timestamps, clip_timestamps)
     model = _model(path_or_hf_repo, dtype)
+    context = of_model(model, audio_context)
     if decode_options.pop("fp16", None):
         warnings.warn("fp16 is chosen when loading: pass dtype='float16'")
     language = language_code(decode_options.pop("language", None),
@@ -168,24 +174,38 @@ def transcribe(
                               initial, batch_size, verbose, on_audio_error)
         return done[0] if single else done
 
-    loaded = [_stream(i, item, model, language, points, initial, on_audio_error)
-              for i, item in enumerate(items)]
-    streams = [s for s in loaded if s is not None]
     if verbose and language is None and model.is_multilingual:
         print("Detecting language using up to the first 30 seconds. "
               "Use `--language` to specify the language")
-    total = sum(s.content_frames for s in streams)
-    bar = tqdm(total=total, unit="frames", disable=verbose is not False)
-    while not all(s.done for s in streams):
-        active = [s for s in streams if not s.done][:batch_size]
+    # Inputs are loaded lazily, in order, as the batch has room: only the batch's streams
+    # hold a mel, so memory does not grow with the number of inputs. The bar's total
+    # (frames) grows as files are loaded.
+    todo = iter(enumerate(items))
+    results: list[Optional[dict[str, Any]]] = [None] * len(items)
+    batch: list[tuple[int, _Stream]] = []  # (input index, stream), in input order
+    bar = tqdm(total=0, unit="frames", disable=verbose is not False)
+    while True:
+        while len(batch) < batch_size and (nxt := next(todo, None)) is not None:
+            s = _stream(*nxt, model, language, points, initial, on_audio_error)
+            if s is not None and s.done:  # nothing to transcribe (clips past its end)
+                results[nxt[0]] = _result(s, tokenizer)
+            elif s is not None:
+                batch.append((nxt[0], s))
+                bar.total += s.content_frames
+        if not batch:
+            break
+        active = [s for _, s in batch]
         before = [s.position for s in active]
         _window(model, tokenizer, active, options, temperatures, compression_ratio_threshold,
                 logprob_threshold, no_speech_threshold, condition_on_previous_text,
                 word_timestamps, prepend_punctuations, append_punctuations,
-                hallucination_silence_threshold, verbose, len(streams) > 1)
+                hallucination_silence_threshold, verbose, len(items) > 1, context)
         bar.update(sum(s.position - b for s, b in zip(active, before)))
+        for i, s in batch:
+            if s.done:  # its result now, and its mel freed before more files are loaded
+                results[i] = _result(s, tokenizer)
+        batch = [(i, s) for i, s in batch if not s.done]
     bar.close()
-    results = [None if s is None else _result(s, tokenizer) for s in loaded]
     return results[0] if single else results
 
 
@@ -208,20 +228,37 @@ def _stream(i: int, item: AudioInput, model: Whisper, language: Optional[str], p
 
 
 def _result(s: _Stream, tokenizer) -> dict[str, Any]:
+    """A finished stream's result; its mel is dropped at once (a 2-h file's is 230 MB)."""
+    s.mel = mx.zeros((0, s.mel.shape[1]), dtype=s.mel.dtype)
     text = tokenizer.decode([t for seg in s.segments for t in seg["tokens"]])
     return {"text": text, "segments": s.segments, "language": s.language or "en"}
 
 
+def _encode_windows(model: Whisper, streams: list[_Stream], context: AudioContext
+                    ) -> tuple[list[int], mx.array, Optional[list[int]]]:
+    """Each stream's next window, encoded in one batch: (audio frames per window, features,
+    encoder positions per window, or None when all have the batch's length)."""
+    ctx = model.dims.n_audio_ctx
+    frames = context.window_frames(ctx)
+    sizes = [min(frames, s.clip_end - s.seek) for s in streams]
+    positions = [context.positions_for(n, ctx) for n in sizes]
+    width = max(positions)
+    mels = mx.stack([pad_or_trim(s.mel[s.seek:s.seek + n], 2 * width, axis=0)
+                     for s, n in zip(streams, sizes)])
+    lengths = None if min(positions) == width else positions
+    features = model.embed_audio(mels.astype(model.dtype),
+                                 None if lengths is None else mx.array(lengths))
+    return sizes, features, lengths
+
+
 def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_threshold,
             ns_threshold, condition, word_timestamps, prepend, append, silence_threshold,
-            verbose, named) -> None:
-    sizes = [min(N_FRAMES, s.clip_end - s.seek) for s in streams]
-    mels = mx.stack([pad_or_trim(s.mel[s.seek:s.seek + n], N_FRAMES, axis=0)
-                     for s, n in zip(streams, sizes)])
-    features = model.embed_audio(mels.astype(model.dtype))
+            verbose, named, context) -> None:
+    sizes, features, lengths = _encode_windows(model, streams, context)
     undetected = [i for i, s in enumerate(streams) if s.language is None]
     if undetected and model.is_multilingual:
-        langs, _ = detect_language(model, features[mx.array(undetected)], tokenizer)
+        langs, _ = detect_language(model, features[mx.array(undetected)], tokenizer,
+                                   None if lengths is None else [lengths[i] for i in undetected])
         for i, lang in zip(undetected, langs):
             streams[i].language = lang
             if verbose is not None:  # tqdm.write: the progress bar may be on screen
@@ -229,7 +266,7 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
                            f"Detected language: {LANGUAGES[lang].title()}")
     for s in streams:
         s.language = s.language or "en"
-    results = _decode_with_fallback(model, features, streams, options, temperatures,
+    results = _decode_with_fallback(model, features, lengths, streams, options, temperatures,
                                     cr_threshold, lp_threshold, ns_threshold)
     for i, (s, size, result) in enumerate(zip(streams, sizes, results)):
         start = s.seek
@@ -241,8 +278,9 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
         new = _segments(s, size, result, tokenizer)
         if word_timestamps and new:
             from .timing import add_word_timestamps
+            own = features[i:i + 1] if lengths is None else features[i:i + 1, :lengths[i]]
             add_word_timestamps(new, model, replace(tokenizer, language=s.language),
-                                features[i:i + 1], size, prepend, append, s.last_speech)
+                                own, size, prepend, append, s.last_speech)
             if silence_threshold is not None:
                 new = _skip_hallucinations(s, new, start, size, silence_threshold, prepend + append)
             words = [w for seg in new for w in seg.get("words", [])]
@@ -314,8 +352,8 @@ def _skip_hallucinations(s: _Stream, new: list[dict[str, Any]], start: int, size
     return new
 
 
-def _decode_with_fallback(model, features, streams, options, temperatures, cr_threshold,
-                          lp_threshold, ns_threshold) -> list[DecodingResult]:
+def _decode_with_fallback(model, features, lengths, streams, options, temperatures,
+                          cr_threshold, lp_threshold, ns_threshold) -> list[DecodingResult]:
     """Decode all windows at the first temperature; re-decode only the failures hotter."""
     results: list[Optional[DecodingResult]] = [None] * len(streams)
     pending = list(range(len(streams)))
@@ -334,7 +372,8 @@ def _decode_with_fallback(model, features, streams, options, temperatures, cr_th
             prompts = [streams[i].tokens[streams[i].prompt_since:] for i in idx]
             feats = features if len(idx) == features.shape[0] else features[mx.array(idx)]
             tk = tokenizer_for(model, lang, options.task)
-            for i, r in zip(idx, decode_features(model, feats, opts, tk, prompts)):
+            own = None if lengths is None else [lengths[i] for i in idx]
+            for i, r in zip(idx, decode_features(model, feats, opts, tk, prompts, own)):
                 results[i] = r
                 too_repetitive = cr_threshold is not None and r.compression_ratio > cr_threshold
                 too_unsure = lp_threshold is not None and r.avg_logprob < lp_threshold

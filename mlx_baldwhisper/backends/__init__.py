@@ -10,7 +10,7 @@ the numpy step for a float32 decoder there, MLX's KV caches otherwise.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Optional, Protocol
 
 import mlx.core as mx
 import numpy as np
@@ -49,10 +49,12 @@ def encode(encoder: Callable[[mx.array], mx.array], mel: mx.array) -> mx.array:
 
 
 @contextlib.contextmanager
-def decoding(model: Any, batch: int) -> Iterator[Inference]:
-    """Decoding state for ``batch`` sequences of ``model`` (a Whisper), inside :func:`inference`."""
+def decoding(model: Any, batch: int, audio_padding: Optional[mx.array] = None
+             ) -> Iterator[Inference]:
+    """Decoding state for ``batch`` sequences of ``model`` (a Whisper), inside :func:`inference`.
+    ``audio_padding`` (batch, positions): True for padded encoder positions."""
     with cpu.inference():
         if cpu.active() and NumpyInference.supports(model.decoder):
-            yield NumpyInference(model.decoder, batch)
+            yield NumpyInference(model.decoder, batch, audio_padding)
         else:
-            yield MLXInference(model, batch)
+            yield MLXInference(model, batch, audio_padding)

@@ -75,14 +75,16 @@ class MLXInference:
     """Decoding state in MLX: one KV cache per decoder layer and the encoder's keys/values
     per layer, computed at the first step. ``model`` is a :class:`~mlx_baldwhisper.model.Whisper`."""
 
-    def __init__(self, model: Any, batch: int):
+    def __init__(self, model: Any, batch: int, audio_padding: Optional[mx.array] = None):
         self.decoder = model.decoder
         self.caches = model.new_caches(batch)
         self.cross: Optional[list] = None
+        self.audio_padding = audio_padding
 
     def logits(self, tokens: mx.array, audio_features: mx.array) -> mx.array:
         """Logits ``(batch, t, vocab)`` for ``tokens``, the sequences' next ``t`` tokens."""
-        logits, self.cross, _ = self.decoder(tokens, audio_features, self.caches, self.cross)
+        logits, self.cross, _ = self.decoder(tokens, audio_features, self.caches, self.cross,
+                                             audio_padding=self.audio_padding)
         return logits
 
     def reorder(self, index: np.ndarray) -> None:

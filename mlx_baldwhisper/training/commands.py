@@ -46,8 +46,9 @@ class StageOptions:
         cfg = load_config(self.config_path)
         cfg.language = self.language
         cfg.language_token = self.language_token or cfg.language_token
-        for stage in (cfg.finetune, cfg.recover, cfg.shear):
-            self.override(stage)
+        for stage in (cfg.finetune, cfg.recover, cfg.shear, cfg.audio_context):
+            if stage is not None:
+                self.override(stage)
         return cfg
 
     def override(self, stage: Any) -> None:
@@ -256,9 +257,12 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                        "transcribe() on them (timestamps, temperature fallback, conditioning).")
     @click.option("--long-form-gap", default=0.5, show_default=True, type=click.FloatRange(min=0),
                   help="Seconds of silence between the joined clips.")
+    @click.option("--audio-context", default=None,
+                  help="Encoder positions per window: full, dynamic, dynamic:MARGIN or a number "
+                       "(default: the model's config.json, else full).")
     @friendly
     def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
-                     long_form_gap):
+                     long_form_gap, audio_context):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
         --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
@@ -269,7 +273,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
         whisper, examples = load_model(model), read_manifest(manifest, language=language)
         r = evaluate(whisper, examples, language=language, batch_size=batch_size, limit=limit,
-                     options=options)
+                     options=options, audio_context=audio_context)
         if r["n"] == 0:
             reasons = "; ".join(f"{name}: {why}" for name, why in r["skipped"][:3])
             raise ValueError(f"no usable utterances in {manifest} ({len(r['skipped'])} skipped"
@@ -280,7 +284,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
             save_hypotheses(r, output)
         if long_form:
             lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
-                                    batch_size=batch_size, limit=limit)
+                                    batch_size=batch_size, limit=limit, audio_context=audio_context)
             click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
                        f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
                        f"audio, {lf['seconds']:.0f} s)")

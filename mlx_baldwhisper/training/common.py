@@ -22,7 +22,8 @@ from .. import backends
 from ..diskspace import size_text, writing
 from ..decoding import tokenizer_for
 from ..evaluate import error_rates, evaluate
-from ..model import Whisper
+from ..audio_context import AudioContext, of_model
+from ..model import Whisper, padding_mask
 from ..weights import mlx_folder
 from ..dataset import TokenizedExample, prepare, read_manifest
 from ..features import FeatureCache, encoder_fingerprint
@@ -67,18 +68,22 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
         raise ValueError(f"no usable clips in {train if not sets[0] else dev} "
                          f"({len(skipped)} skipped; see the warnings above)")
     features = None
-    if cache_features:
-        features = cache_features_shared(model, sets[1] + sets[0], cache_dir, clear_cache)
+    if cache_features:  # over the model's audio context: a short one trains on short features
+        features = cache_features_shared(model, sets[1] + sets[0], cache_dir, clear_cache,
+                                         context=of_model(model))
     return StageData(sets[0], sets[1], language, features, skipped)
 
 
 def cache_features_shared(model: Whisper, items: list[TokenizedExample],
-                          cache_dir: Optional[str], clear: bool = False) -> FeatureCache:
-    """Encoder outputs of every clip. Several processes split the encoding: each writes its
-    share to ``cache_dir``, a folder all of them read (on several hosts, a shared folder at
-    the same path), so afterwards each one loads the rest from disk. Rank 0 reports the
-    cache's size, and empties it first when asked."""
-    features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True)
+                          cache_dir: Optional[str], clear: bool = False,
+                          context: Optional[AudioContext] = None) -> FeatureCache:
+    """Encoder outputs of every clip (over ``context``, default full 30-s windows).
+    Several processes split the encoding: each writes its share to ``cache_dir``, a folder
+    all of them read (on several hosts, a shared folder at the same path), so afterwards
+    each one loads the rest from disk. Rank 0 reports the cache's size, and empties it
+    first when asked."""
+    features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True,
+                            context=context)
     rank, size = distributed.rank(), distributed.size()
     if clear:
         if rank == 0:
@@ -105,16 +110,26 @@ def decoder_input(model: Whisper, batch: dict) -> mx.array:
     return model.embed_audio(mx.array(batch["mel"]).astype(model.dtype))
 
 
-def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array) -> mx.array:
+def audio_padding(batch: dict) -> Optional[mx.array]:
+    """Cross-attention mask for a batch of clips encoded over different audio contexts."""
+    lengths = batch.get("audio_lengths")
+    if lengths is None:
+        return None
+    return padding_mask(mx.array(lengths), batch["features"].shape[1])
+
+
+def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array,
+                   padding: Optional[mx.array] = None) -> mx.array:
     """The frozen teacher's logits. Never differentiated, so the numpy inference kernels
     (``backends``) may serve its attention and GELU on Linux CPU."""
     with backends.inference():
-        logits = teacher.decoder(inputs, features.astype(teacher.dtype))[0]
+        logits = teacher.decoder(inputs, features.astype(teacher.dtype), audio_padding=padding)[0]
     return mx.stop_gradient(logits)
 
 
 def ce_loss(model: Whisper, batch: dict) -> tuple[mx.array, dict[str, mx.array]]:
-    logits = model.decoder(mx.array(batch["inputs"]), decoder_input(model, batch))[0]
+    logits = model.decoder(mx.array(batch["inputs"]), decoder_input(model, batch),
+                           audio_padding=audio_padding(batch))[0]
     ce = cross_entropy(logits, mx.array(batch["targets"]), mx.array(batch["mask"]))
     return ce, {"ce": ce}
 

@@ -108,7 +108,9 @@ class Batcher:
         if self.include_mel:
             out["mel"] = np.stack([x.mel for x in chosen]).astype(np.float32)
         if self.features is not None:
-            out["features"] = self.features.stack(chosen)
+            out["features"], lengths = self.features.stack(chosen)
+            if lengths is not None:  # a short audio context: clips of different lengths
+                out["audio_lengths"] = np.array(lengths, np.int32)
         return out
 
     def _as_trained(self, idx: np.ndarray) -> list[TokenizedExample]:

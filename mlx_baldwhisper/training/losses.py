@@ -135,6 +135,17 @@ def feature_distance(a: mx.array, b: mx.array) -> mx.array:
     return mx.abs(a32 - b32).mean() - log_sig.mean()
 
 
+def hidden_state_mse(student: list[mx.array], teacher: list[mx.array], mask: mx.array) -> mx.array:
+    """Mean over layers of the masked mean (over tokens) of the squared distance per
+    hidden unit: how far each decoder layer's states are from the teacher's."""
+    if len(student) != len(teacher):
+        raise ValueError(f"the student has {len(student)} decoder layers and the teacher "
+                         f"{len(teacher)}: hidden states cannot be matched layer by layer")
+    per_layer = [masked_mean(mx.square(s.astype(mx.float32) - t.astype(mx.float32)).mean(axis=-1), mask)
+                 for s, t in zip(student, teacher)]
+    return mx.stack(per_layer).mean()
+
+
 def distillation_loss(
     student_logits: mx.array,
     teacher_logits: mx.array,

@@ -1,7 +1,9 @@
-"""The whole BaldWhisper recipe: fine-tune → merge (+search) → recover → shear → evaluate.
+"""The whole BaldWhisper recipe: fine-tune → merge (+search) → recover → shear → audio
+context → evaluate.
 
 Writes ``DIR/teacher``, ``DIR/merged``, ``DIR/removed`` (the layer-removal baseline with
-the same budget as ``merged``), ``DIR/final`` (merged + sheared + distilled), and
+the same budget as ``merged``), ``DIR/final`` (merged + sheared + distilled),
+``DIR/final-ctx`` (final, taught to encode only the speech plus a margin), and
 ``DIR/results.json`` + ``DIR/results.md``. Every hyper-parameter lives in
 :class:`RecipeConfig`, saved as ``DIR/config.json``. A finished stage is not run again
 when the recipe is restarted; an unfinished one resumes from its last checkpoint.
@@ -18,14 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from .. import locks
+from ..audio_context import AudioContext, of_model
 from ..decoding import DecodingOptions
 from ..evaluate import evaluate, evaluate_long_form, save_hypotheses
 from ..folders import claim_run_folder
 from ..load import load_model
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA
-from .common import load_data, write_json
+from .common import cache_features_shared, load_data, write_json
 from .distributed import is_main
+from .audio_context import AudioContextConfig
 from .finetune import FinetuneConfig
 from .merge_search import MergeSearchConfig, merge_search
 from .recover import RecoverConfig
@@ -50,6 +54,12 @@ class RecipeConfig:
     merge_groups: Optional[str] = None
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     shear: ShearConfig = field(default_factory=ShearConfig)
+    # The final model taught a short audio context (None: the recipe stops at final).
+    audio_context: Optional[AudioContextConfig] = field(default_factory=AudioContextConfig)
+    # Train every stage on short-context features from the start: the starting model gets
+    # this audio context (e.g. "dynamic" or {"mode": "dynamic", "margin": 64}), features
+    # are cached over it (several times cheaper) and every model keeps it. None: 30-s windows.
+    feature_context: Optional[Any] = None
     eval_batch_size: int = 16
     # Cap on generated tokens when scoring (None: Whisper's 224). A cap bounds the time an
     # untuned model spends in repetition loops; it cannot change a transcript shorter than it.
@@ -165,8 +175,11 @@ class Recipe:
         data = self.inputs.data
         options = DecodingOptions(without_timestamps=True, temperature=0.0,
                                   sample_len=self.cfg.eval_sample_len)
+        context = of_model(model)  # a model with a short audio context is scored at it
+        features = data.features if context.is_full or data.features is None else (
+            cache_features_shared(model, data.dev, data.features.directory, context=context))
         r = evaluate(model, data.dev, language=data.language, batch_size=self.cfg.eval_batch_size,
-                     features=data.features, options=options)
+                     features=features, options=options)
         if is_main():
             save_hypotheses(r, self.out / "hypotheses" / f"{name}.tsv")
             print(f"[{name}] dev WER {100 * r['wer']:.2f}%  CER {100 * r['cer']:.2f}%")
@@ -174,6 +187,8 @@ class Recipe:
                                         "params": _params(model), "train_seconds": round(seconds, 1),
                                         "eval_seconds": round(r["seconds"], 1),
                                         **self._long_form(name, model), **extra}
+        if not context.is_full:
+            self.results["stages"][name]["audio_context"] = context.to_dict()
         self._save_results()
 
     def _long_form(self, name: str, model: Whisper) -> dict[str, Any]:
@@ -213,6 +228,8 @@ class Recipe:
         base = load_model(cfg.model)
         if cfg.language_token:
             base.extra_config["language_tokens"] = {cfg.language: cfg.language_token}
+        if cfg.feature_context is not None:
+            base.extra_config["audio_context"] = AudioContext.parse(cfg.feature_context).to_dict()
         start = time.perf_counter()
         data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir,
                          clear_cache=self.clear_cache)
@@ -225,7 +242,7 @@ class Recipe:
         if "search" in self.stages:
             self._merge_weights()
         for stage in STAGES:
-            if stage.name in self.stages:
+            if stage.name in self.stages and getattr(cfg, stage.config) is not None:
                 self.inputs.models[stage.name]
         self._summarise()
         return self.results

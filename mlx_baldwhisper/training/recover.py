@@ -20,7 +20,7 @@ import mlx.core as mx
 from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
-from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
+from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .data import TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss
@@ -47,8 +47,10 @@ def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weig
     def loss_fn(student, batch):
         feats = decoder_input(student, batch)
         inputs = mx.array(batch["inputs"])
-        logits = student.decoder(inputs, feats)[0]
-        return distillation_loss(logits, teacher_logits(teacher, inputs, feats), mx.array(batch["targets"]),
+        pad = audio_padding(batch)
+        logits = student.decoder(inputs, feats, audio_padding=pad)[0]
+        return distillation_loss(logits, teacher_logits(teacher, inputs, feats, pad),
+                                 mx.array(batch["targets"]),
                                  mx.array(batch["mask"]), temperature(), ce_weight, kl_weight)
     return loss_fn
 

@@ -26,7 +26,7 @@ from ..decoding import tokenizer_for
 from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import Surgery, compress
-from .common import (StageData, decoder_input, dev_evaluator, model_saver, stage_settings,
+from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .data import TIMESTAMP_PROB
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
@@ -105,11 +105,13 @@ def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: Shea
         feats = decoder_input(student, batch)
         inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
         emb = student.decoder.token_embedding
-        hidden = student.decoder(inputs, feats, return_hidden=True)[0]
+        pad = audio_padding(batch)
+        hidden = student.decoder(inputs, feats, return_hidden=True, audio_padding=pad)[0]
         logits = emb.as_linear(hidden)
         t = temperature()
         ce_rows, kl_rows = token_losses(logits, mx.array(batch["targets"]),
-                                        teacher_logits(teacher, inputs, feats) if cfg.kl_weight else None, t)
+                                        teacher_logits(teacher, inputs, feats, pad)
+                                        if cfg.kl_weight else None, t)
         ce = masked_mean(ce_rows, mask)
         feat_in = feature_distance(emb(inputs), E_t[inputs])
         feat_out = feature_distance(logits, hidden @ E_t.T)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import finetune, recover, shear
+from . import audio_context, finetune, recover, shear
 from .stage import Stage
 
 STAGES: tuple[Stage, ...] = (
@@ -10,5 +10,6 @@ STAGES: tuple[Stage, ...] = (
     recover.MERGED,  # merged: merge decoder layers, recover by distillation
     recover.REMOVED,  # removed: the layer-removal baseline at the same budget
     shear.STAGE,  # final: factor the embedding, distil again
+    audio_context.STAGE,  # final-ctx: the final model taught a short audio context
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -81,9 +81,11 @@ class _Block(NamedTuple):
                    _norm_of(blk.mlp_ln), _linear_of(blk.mlp1), _linear_of(blk.mlp2))
 
     def __call__(self, x: np.ndarray, kv: np.ndarray, start: int, mask: Optional[np.ndarray],
-                 cross: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+                 cross: tuple[np.ndarray, np.ndarray],
+                 audio_padding: Optional[np.ndarray] = None) -> np.ndarray:
         """``kv``: this layer's (2, batch, heads, capacity, head_dim) history buffer; the new
-        keys/values go in at ``start``."""
+        keys/values go in at ``start``. ``audio_padding``: (batch, positions), True for
+        padded encoder positions."""
         end = start + x.shape[1]
         y = _layer_norm(x, self.attn_ln)
         q = split_heads(_linear(y, self.query), self.n_head, self.scale)
@@ -93,7 +95,7 @@ class _Block(NamedTuple):
         x = x + _linear(merge_heads(o), self.out)
         y = _layer_norm(x, self.cross_ln)
         q = split_heads(_linear(y, self.cross_query), self.n_head, self.scale)
-        x = x + _linear(merge_heads(ops.attention(q, *cross)), self.cross_out)
+        x = x + _linear(merge_heads(ops.attention(q, *cross, None, audio_padding)), self.cross_out)
         y = _layer_norm(x, self.mlp_ln)
         return x + _linear(ops.gelu(_linear(y, self.mlp1)), self.mlp2)
 
@@ -118,8 +120,9 @@ class NumpyInference:
             for lin in (blk.attn.query, blk.attn.key, blk.attn.value, blk.attn.out,
                         blk.cross_attn.query, blk.cross_attn.out, blk.mlp1, blk.mlp2))
 
-    def __init__(self, decoder: Any, batch: int):
+    def __init__(self, decoder: Any, batch: int, audio_padding: Optional[mx.array] = None):
         self.decoder, self.batch = decoder, batch
+        self.audio_padding = None if audio_padding is None else np.array(audio_padding)
         self.blocks = [_Block.of(blk) for blk in decoder.blocks]
         emb = decoder.token_embedding
         low_rank = isinstance(emb, LowRankEmbedding)
@@ -162,7 +165,7 @@ class NumpyInference:
             mask = np.asarray(memoryview(causal_mask(t, start, mx.float32)))
         kv = self._reserve(start + t)
         for blk, kv_layer, cross in zip(self.blocks, kv, self.cross):
-            x = blk(x, kv_layer, start, mask, cross)
+            x = blk(x, kv_layer, start, mask, cross, self.audio_padding)
         self.offset = start + t
         flat = _layer_norm(x, self.ln).reshape(b * t, -1)
         if self.factor is not None:

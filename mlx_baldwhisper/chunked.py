@@ -18,7 +18,9 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .audio import N_SAMPLES, SAMPLE_RATE, AudioError, load_audio, log_mel_spectrogram, pad_or_trim
+from .audio import (HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio,
+                    log_mel_spectrogram, pad_or_trim)
+from .audio_context import AudioContext
 from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
 from .model import Whisper
 from .tokenizer import LANGUAGES, Tokenizer
@@ -67,7 +69,8 @@ def transcribe_vad(model: Whisper, items: Sequence[Any], tokenizer: Tokenizer,
                    lp_threshold: Optional[float], ns_threshold: Optional[float],
                    prompt: list[int], batch_size: int, verbose: Optional[bool],
                    on_audio_error: Optional[Callable[[Any, AudioError], None]],
-                   vad: VadOptions = VadOptions()) -> list[Optional[dict[str, Any]]]:
+                   vad: VadOptions = VadOptions(), context: AudioContext = AudioContext()
+                   ) -> list[Optional[dict[str, Any]]]:
     """Results as ``transcribe()``'s (text, segments, language), one per input (None for
     an input that failed to load and went to ``on_audio_error``). The language, when not
     given, is detected once per input, on its first chunk. Inputs are loaded in order as
@@ -106,13 +109,11 @@ def transcribe_vad(model: Whisper, items: Sequence[Any], tokenizer: Tokenizer,
         if not pending:
             break
         batch, pending = pending[:batch_size], pending[batch_size:]
-        mels = [log_mel_spectrogram(pad_or_trim(audio[s.item][s.start:s.end], N_SAMPLES), model.dims.n_mels)
-                for s in batch]
-        features = model.embed_audio(mx.stack(mels).astype(model.dtype))
-        _detect(model, features, batch, languages, tokenizer, verbose, names)
+        features, lengths = _encode(model, [audio[s.item][s.start:s.end] for s in batch], context)
+        _detect(model, features, lengths, batch, languages, tokenizer, verbose, names)
         langs = [languages[s.item] or "en" for s in batch]
-        for s, r in zip(batch, _decode(model, features, langs, options, temperatures, prompt,
-                                       cr_threshold, lp_threshold, ns_threshold)):
+        for s, r in zip(batch, _decode(model, features, lengths, langs, options, temperatures,
+                                       prompt, cr_threshold, lp_threshold, ns_threshold)):
             s.result = r
             if verbose and _spoken(r, lp_threshold, ns_threshold):
                 print(f"{names[s.item] + ': ' if len(items) > 1 else ''}"
@@ -130,8 +131,27 @@ def _names(items: Sequence[Any]) -> list[str]:
     return [os.fspath(x) if isinstance(x, (str, os.PathLike)) else f"audio {i}" for i, x in enumerate(items)]
 
 
-def _detect(model: Whisper, features: mx.array, batch: list[_Span], languages: list[Optional[str]],
-            tokenizer: Tokenizer, verbose: Optional[bool], names: list[str]) -> None:
+def _encode(model: Whisper, chunks: list[np.ndarray], context: AudioContext
+            ) -> tuple[mx.array, Optional[list[int]]]:
+    """Encode chunks (each zero-padded to 30 s, as a training clip) in one batch; over a
+    short audio context, each over its own positions (the mel past its audio zeroed, as
+    the feature cache does). Returns the features and the positions when they differ."""
+    mels = mx.stack([log_mel_spectrogram(pad_or_trim(c, N_SAMPLES), model.dims.n_mels)
+                     for c in chunks]).astype(model.dtype)
+    if context.is_full:
+        return model.embed_audio(mels), None
+    frames = [max(1, min(N_FRAMES, -(-len(c) // HOP_LENGTH))) for c in chunks]
+    positions = [context.positions_for(n, model.dims.n_audio_ctx) for n in frames]
+    width = max(positions)
+    keep = mx.arange(2 * width)[None, :] < mx.array(frames)[:, None]
+    mels = mels[:, :2 * width] * keep[..., None].astype(mels.dtype)
+    lengths = None if min(positions) == width else positions
+    return model.embed_audio(mels, None if lengths is None else mx.array(lengths)), lengths
+
+
+def _detect(model: Whisper, features: mx.array, lengths: Optional[list[int]], batch: list[_Span],
+            languages: list[Optional[str]], tokenizer: Tokenizer, verbose: Optional[bool],
+            names: list[str]) -> None:
     """Detect the language of inputs whose first chunk is in this batch."""
     first = {}
     for k, s in enumerate(batch):
@@ -139,7 +159,9 @@ def _detect(model: Whisper, features: mx.array, batch: list[_Span], languages: l
             first[s.item] = k
     if not first:
         return
-    found, _ = detect_language(model, features[mx.array(list(first.values()))], tokenizer)
+    rows = list(first.values())
+    found, _ = detect_language(model, features[mx.array(rows)], tokenizer,
+                               None if lengths is None else [lengths[k] for k in rows])
     for item, lang in zip(first, found):
         languages[item] = lang
         if verbose is not None:
@@ -147,7 +169,8 @@ def _detect(model: Whisper, features: mx.array, batch: list[_Span], languages: l
                        f"Detected language: {LANGUAGES[lang].title()}")
 
 
-def _decode(model: Whisper, features: mx.array, langs: list[str], options: DecodingOptions,
+def _decode(model: Whisper, features: mx.array, lengths: Optional[list[int]], langs: list[str],
+            options: DecodingOptions,
             temperatures: Sequence[float], prompt: list[int], cr_threshold: Optional[float],
             lp_threshold: Optional[float], ns_threshold: Optional[float]) -> list[DecodingResult]:
     """Decode at the first temperature; re-decode hotter only the chunks that failed
@@ -163,7 +186,8 @@ def _decode(model: Whisper, features: mx.array, langs: list[str], options: Decod
             feats = features if len(idx) == features.shape[0] else features[mx.array(idx)]
             tk = tokenizer_for(model, lang, options.task)
             out = decode_features(model, feats, replace(options, language=lang, **kw), tk,
-                                  [list(prompt) for _ in idx] if prompt else None)
+                                  [list(prompt) for _ in idx] if prompt else None,
+                                  None if lengths is None else [lengths[i] for i in idx])
             for i, r in zip(idx, out):
                 results[i] = r
                 repetitive = cr_threshold is not None and r.compression_ratio > cr_threshold

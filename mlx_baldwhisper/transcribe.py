@@ -171,7 +171,7 @@ def transcribe(
     if chunking == "vad":  # the VAD path lives in chunked.py
         done = transcribe_vad(model, items, tokenizer, options, language, temperatures,
                               compression_ratio_threshold, logprob_threshold, no_speech_threshold,
-                              initial, batch_size, verbose, on_audio_error)
+                              initial, batch_size, verbose, on_audio_error, context=context)
         return done[0] if single else done
 
     if verbose and language is None and model.is_multilingual:

@@ -245,3 +245,16 @@ def test_stage_command_runs_and_resumes_refusing_changed_settings(corpus):
     cfg.write_text('{"audio_context": {"margin": 32}}')
     r = CliRunner().invoke(main, args + ["--config", str(cfg), "--max-steps", "3"])
     assert r.exit_code != 0 and "margin: 16" not in r.output and "margin" in r.output
+
+
+def test_vad_chunks_follow_the_audio_context(monkeypatch):
+    model = tiny_model()
+    t = np.arange(16000 * 3) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    audio = np.concatenate([tone, np.zeros(16000 * 2, np.float32), tone[:16000 * 2]])
+    full = _transcribe(model, audio, chunking="vad")
+    seen = _record_positions(model, monkeypatch)
+    short = _transcribe(model, audio, chunking="vad", audio_context="dynamic")
+    assert seen and max(seen) < 1500
+    assert [(s["start"], s["end"]) for s in short["segments"]] == \
+        [(s["start"], s["end"]) for s in full["segments"]]

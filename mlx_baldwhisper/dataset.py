@@ -332,8 +332,34 @@ def timestamped(tokenizer: Tokenizer, prompt: Sequence[int], text_ids: Sequence[
     <|notimestamps|>, then ``<|0.00|> text <|end|>`` and eot."""
     if not prompt or prompt[-1] != tokenizer.no_timestamps:
         raise ValueError("the prompt must end with <|notimestamps|>")
-    last = tokenizer.timestamp_begin + int(round(end / TIME_PRECISION))
-    return [*prompt[:-1], tokenizer.timestamp_begin, *text_ids, last, tokenizer.eot]
+    return timestamp_target(prompt[:-1], tokenizer.timestamp_begin, tokenizer.eot,
+                            [(0, text_ids, int(round(end / TIME_PRECISION)))])
+
+
+def timestamp_target(prompt: Sequence[int], timestamp_begin: int, eot: int,
+                     segments: Sequence[tuple[int, Sequence[int], int]],
+                     cut_start: Optional[int] = None) -> list[int]:
+    """A window's timestamped targets: ``prompt`` (without <|notimestamps|>), then
+    ``<|start|> text <|end|>`` for each ``(start, text_ids, end)`` (times in 0.02-s steps,
+    in order, within 30 s), then eot.
+
+    ``cut_start``: the window ends inside one more segment that starts there. As in
+    openai's long-form training data, its text is left out and only its start is given:
+    a window ending in two timestamps tells the seeking loop (transcribe.py) that speech
+    was cut off, so the next window starts at the last complete segment's end. A single
+    timestamp at the end means nothing follows, and the rest of the window is skipped."""
+    limit = round(N_SAMPLES / SAMPLE_RATE / TIME_PRECISION)
+    out, last = list(prompt), 0
+    for start, text_ids, end in segments:
+        if not last <= start < end <= limit:
+            raise ValueError(f"segment ({start}, {end}) is out of order or past 30 s")
+        out += [timestamp_begin + start, *text_ids, timestamp_begin + end]
+        last = end
+    if cut_start is not None:
+        if not last <= cut_start < limit:
+            raise ValueError(f"a cut-off segment cannot start at step {cut_start}")
+        out.append(timestamp_begin + cut_start)
+    return out + [eot]
 
 
 def prepare(examples: Iterable[Example], tokenizer: Tokenizer, n_mels: int, max_tokens: int = 224,

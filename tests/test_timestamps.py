@@ -187,3 +187,31 @@ def test_distillation_runs_over_the_timestamp_tokens(stage, tokenizer):
     for part in ("ce", "kl"):
         assert abs(float(full[part]) - float(without[part])) > 1e-4, part
         assert mx.isfinite(full[part]).item()
+
+
+def test_timestamp_targets_of_a_packed_window(tmp_path, tokenizer):
+    """Two clips joined 0.2 s apart, then a third cut off at the 30-s edge: one segment per
+    complete clip, the cut-off one only as its start (openai's long-form form), no text."""
+    from mlx_baldwhisper.training.packing import Pack, build_window
+
+    tk = tokenizer
+    items, _ = prepare([Example(clip(tmp_path / "a.wav", 1.0, 1.0), "Hello world", "en"),
+                        Example(clip(tmp_path / "b.wav", 1.5), "Hi", "en"),
+                        Example(clip(tmp_path / "c.wav", 2.0), "Cut off", "en")], tk, 80)
+    sot = [tk.sot, tk.special["<|en|>"], tk.transcribe]
+    hello, hi = tk.encode(" Hello world"), tk.encode(" Hi")
+    ts = tk.timestamp_begin
+    # a: 2.00 s of audio, speech to 1.20 s; b after a 0.20-s gap at 2.20 s, speech to 3.70 s
+    whole = build_window(items, Pack((0, 1), (0, 110)))
+    assert whole.tokens.tolist() == [*sot, ts, *hello, ts + 60, ts + 110, *hi, ts + 185, tk.eot]
+    assert tk.decode_with_timestamps(whole.tokens[3:].tolist()) == \
+        "<|0.00|> Hello world<|1.20|><|2.20|> Hi<|3.70|><|endoftext|>"
+    assert whole.prompt_length == 3 and whole.with_timestamps() is whole
+    assert whole.targets[whole.mask > 0].tolist() == whole.tokens[3:].tolist()  # from <|0.00|> on
+    assert whole.duration == pytest.approx(3.70) and whole.text == "Hello world Hi"
+
+    cut = build_window(items, Pack((0, 1), (0, 110), cut_off=2, cut_start=1480))
+    assert tk.decode_with_timestamps(cut.tokens[3:].tolist()) == \
+        "<|0.00|> Hello world<|1.20|><|2.20|> Hi<|3.70|><|29.60|><|endoftext|>"
+    assert cut.tokens.tolist() == [*sot, ts, *hello, ts + 60, ts + 110, *hi, ts + 185, ts + 1480, tk.eot]
+    assert cut.duration == pytest.approx(30.0) and cut.text == "Hello world Hi"

@@ -28,8 +28,9 @@ from ..features import FeatureCache, pad_stack, speech_frames
 from ..folders import run_folder
 from ..model import Whisper, padding_mask
 from .common import (StageData, audio_padding, cache_features_shared, dev_evaluator, model_saver,
-                     stage_settings)
-from .data import Batcher
+                     stage_settings, training_packs)
+from .data import PACK_PROB, Batcher
+from .packing import PackedWindow
 from .losses import distillation_loss, hidden_state_mse
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -50,6 +51,7 @@ class AudioContextConfig:
     train_encoder: bool = False  # also train the encoder (no short-feature cache; slower)
     eval_limit: Optional[int] = 100
     timestamp_prob: float = 0.5  # clips whose targets carry timestamps (distilled like text)
+    pack_prob: float = PACK_PROB  # packed windows trained as windows (packing.py), cached per context
 
     def policy(self) -> AudioContext:
         return AudioContext(mode="dynamic", margin=self.margin, block=self.block)
@@ -68,9 +70,10 @@ class ShortContextBatcher(Batcher):
 
     def __init__(self, items, batch_size: int, seed: int, features: FeatureCache,
                  contexts: Sequence[AudioContext], caches: Optional[Sequence[FeatureCache]],
-                 n_audio_ctx: int, timestamp_prob: float = 0.0):
+                 n_audio_ctx: int, timestamp_prob: float = 0.0,
+                 packs: Sequence[PackedWindow] = (), pack_prob: float = 0.0):
         super().__init__(items, batch_size, seed=seed, features=features, include_mel=False,
-                         timestamp_prob=timestamp_prob)
+                         timestamp_prob=timestamp_prob, packs=packs, pack_prob=pack_prob)
         self.contexts, self.caches, self.n_audio_ctx = list(contexts), caches, n_audio_ctx
 
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -157,8 +160,11 @@ def teach_audio_context(student: Whisper, teacher: Whisper, data: StageData, cfg
     """Train ``student`` in place to work at the short context; writes ``out`` with the policy."""
     contexts, caches, data, short = short_context_data(student, data, cfg)
     student.extra_config["audio_context"] = cfg.policy().to_dict()
+    packs = training_packs(student, data.train, cfg.train.seed, cfg.pack_prob,
+                           [data.features, *(caches or [])])
     batches = ShortContextBatcher(data.train, cfg.batch_size, cfg.train.seed, data.features,
-                                  contexts, caches, student.dims.n_audio_ctx, cfg.timestamp_prob)
+                                  contexts, caches, student.dims.n_audio_ctx, cfg.timestamp_prob,
+                                  packs=packs, pack_prob=cfg.pack_prob)
     trainer = Trainer(
         student, context_loss_fn(teacher, cfg), cfg.train, run_folder(out),
         trainable_filter=None if cfg.train_encoder else ["decoder."],

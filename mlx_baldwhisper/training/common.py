@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -30,6 +30,7 @@ from ..features import FeatureCache, encoder_fingerprint
 from . import distributed
 from .data import Batcher
 from .losses import cross_entropy
+from .packing import PackedWindow, packed_windows
 
 log = logging.getLogger("mlx_baldwhisper")
 
@@ -43,11 +44,41 @@ class StageData:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def batches(self, batch_size: int, seed: int, fraction: float = 1.0,
-                timestamp_prob: float = 0.0) -> Batcher:
-        """Training batches; ``timestamp_prob`` of the clips with timestamped targets."""
+                timestamp_prob: float = 0.0, pack_prob: float = 0.0,
+                model: Optional[Whisper] = None) -> Batcher:
+        """Training batches; ``timestamp_prob`` of the clips with timestamped targets, and
+        ``pack_prob`` of the packed windows (encoded by ``model`` into the cache) as windows."""
         items = self.train[: max(1, int(len(self.train) * fraction))]
+        packs = training_packs(model, items, seed, pack_prob, [self.features])
         return Batcher(items, batch_size, seed=seed, features=self.features,
-                       include_mel=self.features is None, timestamp_prob=timestamp_prob)
+                       include_mel=self.features is None, timestamp_prob=timestamp_prob,
+                       packs=packs, pack_prob=pack_prob)
+
+
+def training_packs(model: Optional[Whisper], items: Sequence[TokenizedExample], seed: int,
+                   pack_prob: float, caches: Sequence[Optional[FeatureCache]]) -> list[PackedWindow]:
+    """The packed windows of ``seed``'s fixed plan (none when ``pack_prob`` is 0), encoded
+    by ``model`` into each cache. The caches must hold this encoder's features: a pack
+    encoded by another encoder than its clips would be a silent mismatch."""
+    if not pack_prob:
+        return []
+    packs = packed_windows(items, seed)
+    caches = [c for c in caches if c is not None]
+    if packs and caches:
+        if model is None:
+            raise ValueError("packed windows with cached features need the model that encodes them")
+        own = encoder_fingerprint(model)
+        for cache in caches:
+            if cache.encoder_id != own:
+                raise ValueError("the feature cache holds another encoder's features: packed "
+                                 "windows must be encoded by the encoder that cached the clips")
+            fill_cache(model, cache, packs)
+    if distributed.is_main():
+        clips = sum(len(p.pack.members) for p in packs if p.pack is not None)
+        cut = sum(p.pack is not None and p.pack.cut_off is not None for p in packs)
+        log.info("packed %d of %d clips into %d windows (%d cut off at 30 s); pack_prob %g",
+                 clips, len(items), len(packs), cut, pack_prob)
+    return packs
 
 
 def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Optional[str],
@@ -84,24 +115,32 @@ def cache_features_shared(model: Whisper, items: list[TokenizedExample],
     first when asked."""
     features = FeatureCache(encoder_fingerprint(model), cache_dir, keep_in_memory=True,
                             context=context)
-    rank, size = distributed.rank(), distributed.size()
+    rank = distributed.rank()
     if clear:
         if rank == 0:
             n, freed = features.clear()
             print(f"cleared the feature cache {cache_dir}: {n} entries, {size_text(freed)}",
                   file=sys.stderr)
         distributed.barrier()
+    fill_cache(model, features, items)
+    if rank == 0:
+        print(features.size_report(), file=sys.stderr)
+    return features
+
+
+def fill_cache(model: Whisper, features: FeatureCache, items: Sequence[Any]) -> None:
+    """Encode the items ``features`` lacks; several processes split them (each its share,
+    then what it cannot see in the cache folder)."""
+    rank, size = distributed.rank(), distributed.size()
     if size > 1:
         features.compute(model, items[rank::size], batch_size=4, progress=rank == 0)
         distributed.barrier()
         missing = sum(x not in features for x in items)
         if missing:
             log.warning("rank %d does not see %d clips the other ranks cached in %s: encoding them "
-                        "here too (share the cache folder to avoid this)", rank, missing, cache_dir)
+                        "here too (share the cache folder to avoid this)", rank, missing,
+                        features.directory)
     features.compute(model, items, batch_size=4, progress=rank == 0)
-    if rank == 0:
-        print(features.size_report(), file=sys.stderr)
-    return features
 
 
 def decoder_input(model: Whisper, batch: dict) -> mx.array:

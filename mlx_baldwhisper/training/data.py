@@ -8,12 +8,16 @@ import numpy as np
 
 from ..dataset import TokenizedExample
 from ..features import FeatureCache
+from .packing import PackedWindow
 
 TIMESTAMP_STREAM = 0x7473  # keeps the timestamp draws apart from the batch plan's RNG
+PACK_DRAWS = 0x7064  # and the per-epoch draws of the packs shown
 # The stages' default share of clips trained with timestamps: Distil-Whisper's 50 %, which
 # kept its long-form ability while half the clips still train the plain text task the
 # dev set is scored on.
 TIMESTAMP_PROB = 0.5
+# The stages' default share of packed windows trained as windows: off until measured.
+PACK_PROB = 0.0
 
 
 class Batcher:
@@ -29,15 +33,26 @@ class Batcher:
     Whisper's timestamp skill that long-form transcription relies on. The draw is per
     clip and epoch, from (seed, epoch) alone: a resumed run draws the same, and a share
     of 0 uses no randomness at all (the batches of a run without timestamps).
+
+    ``packs``: packed windows of these items (``packing.packed_windows``, a fixed plan whose
+    features are cached). Each epoch, each pack is drawn (from seed and epoch) with
+    probability ``pack_prob`` to train as one window, in place of its complete clips; the
+    clips of the others train one by one. A pack's index in a batch is ``len(items)`` plus
+    its position in ``packs``; ``self.items`` lists the clips, then the packs.
     """
 
     def __init__(self, items: Sequence[TokenizedExample], batch_size: int, seed: int = 0,
                  bucket_size: Optional[int] = None, shuffle: bool = True, drop_last: bool = False,
                  features: Optional[FeatureCache] = None, include_mel: bool = True,
-                 timestamp_prob: float = 0.0):
+                 timestamp_prob: float = 0.0, packs: Sequence[PackedWindow] = (),
+                 pack_prob: float = 0.0):
         if not items:
             raise ValueError("Batcher needs at least one item")
-        self.items, self.batch_size, self.seed = items, batch_size, seed
+        if not 0.0 <= pack_prob <= 1.0:
+            raise ValueError(f"pack_prob must be between 0 and 1, not {pack_prob}")
+        self.n_clips, self.packs, self.pack_prob = len(items), list(packs), pack_prob
+        self.items = [*items, *self.packs] if self.packs else items
+        self.batch_size, self.seed = batch_size, seed
         self.bucket_size = bucket_size or batch_size * 32
         self.shuffle, self.drop_last = shuffle, drop_last
         self.features, self.include_mel = features, include_mel
@@ -55,10 +70,10 @@ class Batcher:
         if self._plan is None:
             rng = np.random.default_rng()
             rng.bit_generator.state = self._rng_state
-            n = len(self.items)
-            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            pool = self._epoch_pool()
+            order = pool[rng.permutation(len(pool))] if self.shuffle else pool
             batches: list[np.ndarray] = []
-            for b in range(0, n, self.bucket_size):
+            for b in range(0, len(order), self.bucket_size):
                 bucket = sorted(order[b:b + self.bucket_size], key=lambda i: len(self.items[i].tokens))
                 batches += [np.array(bucket[k:k + self.batch_size])
                             for k in range(0, len(bucket), self.batch_size)]
@@ -68,6 +83,21 @@ class Batcher:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
             self._plan, self._next_state = batches, rng.bit_generator.state
         return self._plan
+
+    def _epoch_pool(self) -> np.ndarray:
+        """This epoch's items: the packs drawn to train as windows, and every clip that is
+        not in one of them (all the clips, in order, when there are no packs)."""
+        if not self.packs or not self.pack_prob:
+            return np.arange(self.n_clips)
+        rng = np.random.default_rng([int(self.seed), int(self.epoch), PACK_DRAWS])
+        shown = np.flatnonzero(rng.random(len(self.packs)) < self.pack_prob)
+        covered = {i for p in shown for i in self._members(p)}
+        clips = [i for i in range(self.n_clips) if i not in covered]
+        return np.array(clips + [self.n_clips + int(p) for p in shown], np.int64)
+
+    def _members(self, p: int) -> tuple[int, ...]:
+        pack = self.packs[p].pack
+        return pack.members if pack is not None else ()
 
     def _advance_epoch(self) -> None:
         self._ensure_plan()
@@ -120,20 +150,24 @@ class Batcher:
         key = (int(self.seed), int(self.epoch))
         if self._stamps[0] != key:
             rng = np.random.default_rng([*key, TIMESTAMP_STREAM])
-            self._stamps = (key, rng.random(len(self.items)) < self.timestamp_prob)
+            self._stamps = (key, rng.random(self.n_clips) < self.timestamp_prob)
         draws = self._stamps[1]
-        assert draws is not None
-        return [self.items[i].with_timestamps() if draws[i] else self.items[i] for i in idx]
+        assert draws is not None  # packs (past the clips) carry their timestamps already
+        return [self.items[i].with_timestamps() if i < self.n_clips and draws[i] else self.items[i]
+                for i in idx]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: epoch, batch index and the epoch's starting RNG state."""
         return {"epoch": self.epoch, "index": self.index, "rng_state": self._rng_state,
-                "seed": self.seed, "n_items": len(self.items), "batch_size": self.batch_size}
+                "seed": self.seed, "n_items": self.n_clips, "batch_size": self.batch_size,
+                "n_packs": len(self.packs)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["n_items"] != len(self.items) or state["batch_size"] != self.batch_size:
+        saved = (state["n_items"], state.get("n_packs", 0), state["batch_size"])
+        if saved != (self.n_clips, len(self.packs), self.batch_size):
             raise ValueError(
-                f"batcher state is for {state['n_items']} items in batches of {state['batch_size']}, "
-                f"not {len(self.items)} in batches of {self.batch_size}: batches would differ")
+                f"batcher state is for {saved[0]} items and {saved[1]} packs in batches of {saved[2]}, "
+                f"not {self.n_clips} and {len(self.packs)} in batches of {self.batch_size}: "
+                f"batches would differ")
         self.epoch, self.index, self.seed = int(state["epoch"]), int(state["index"]), state["seed"]
         self._rng_state, self._plan = state["rng_state"], None

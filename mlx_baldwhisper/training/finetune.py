@@ -17,7 +17,7 @@ import click
 from ..folders import run_folder
 from ..model import Whisper
 from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
-from .data import TIMESTAMP_PROB
+from .data import PACK_PROB, TIMESTAMP_PROB
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -31,6 +31,9 @@ class FinetuneConfig:
     # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
     # the rest on text alone: keeps the timestamps long-form transcription relies on.
     timestamp_prob: float = TIMESTAMP_PROB
+    # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
+    # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
+    pack_prob: float = PACK_PROB
 
 
 def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
@@ -47,8 +50,8 @@ def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data),
     )
-    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob),
-                         resume=resume)
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob,
+                                      pack_prob=cfg.pack_prob, model=model), resume=resume)
 
 
 def _configure(cfg, full: bool = False) -> None:

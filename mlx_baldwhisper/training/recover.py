@@ -22,7 +22,7 @@ from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
-from .data import TIMESTAMP_PROB
+from .data import PACK_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -39,6 +39,9 @@ class RecoverConfig:
     # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
     # the rest on text alone: keeps the timestamps long-form transcription relies on.
     timestamp_prob: float = TIMESTAMP_PROB
+    # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
+    # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
+    pack_prob: float = PACK_PROB
 
 
 def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weight: float,
@@ -69,8 +72,8 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
                                           "kl_weight": cfg.kl_weight, **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
-    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob),
-                         resume=resume)
+    return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob,
+                                      cfg.pack_prob, student), resume=resume)
 
 
 def merged_student(i: StageInputs) -> Whisper:

@@ -7,7 +7,11 @@
 The real ``finetune`` stage (whisper-base, decoder-only on cached features, batch 8, no
 dev evaluation during training) on the first --clips clips of the manifest, with a fresh
 feature cache. Rank 0 prints one JSON line: caching seconds, training seconds (first step
-left out: it allocates), clips/s and the gradient bytes each step all-reduces.
+left out: it allocates), clips/s, the gradient bytes each step all-reduces, and with
+several processes the time of that all-reduce alone (``allreduce_s``, mean of 5).
+
+On one machine, start the ranks by hand (the ring backend reads MLX_RANK and MLX_HOSTFILE):
+mlx.launch's own process keeps a core busy (MLX 0.32.4), which a 2-core machine cannot spare.
 """
 
 from __future__ import annotations
@@ -60,12 +64,23 @@ def main(train, language, clips, steps, batch, workdir):
     elapsed = [r["elapsed"] for r in rows if r["kind"] == "train"]
     per_step = (elapsed[-1] - elapsed[0]) / max(len(elapsed) - 1, 1)
     grads = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    allreduce = None
+    if distributed.size() > 1:  # the communication alone: the step's all-reduce, 5 times
+        import mlx.core as mx
+
+        grad_tree = model.trainable_parameters()
+        distributed.average_gradients(grad_tree)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(5):
+            mx.eval(distributed.average_gradients(grad_tree))
+        allreduce = round((time.perf_counter() - t0) / 5, 3)
     if distributed.is_main():
         print(json.dumps({"processes": distributed.size(),
                           "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "1"),
                           "clips": len(data.train), "caching_s": round(caching, 1),
                           "train_s_incl_final_eval": round(total, 1), "s_per_step": round(per_step, 3),
-                          "clips_per_s": round(batch / per_step, 2), "gradient_bytes": grads}))
+                          "clips_per_s": round(batch / per_step, 2), "gradient_bytes": grads,
+                          "allreduce_s": allreduce, "load_avg": os.getloadavg()}))
 
 
 if __name__ == "__main__":

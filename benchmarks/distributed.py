@@ -34,7 +34,8 @@ import mlx_baldwhisper  # noqa: F401  before mlx.core: selects the optimised BLA
 @click.option("--steps", default=50, show_default=True, help="Optimizer steps.")
 @click.option("--batch", default=8, show_default=True, help="Global batch size.")
 @click.option("--workdir", default=None, help="Shared scratch folder (default: a temp folder).")
-def main(train, language, clips, steps, batch, workdir):
+@click.option("--allreduce-only", is_flag=True, help="Only time the gradient all-reduce.")
+def main(train, language, clips, steps, batch, workdir, allreduce_only):
     from mlx.utils import tree_flatten
 
     from mlx_baldwhisper import load_model
@@ -44,6 +45,22 @@ def main(train, language, clips, steps, batch, workdir):
     from mlx_baldwhisper.training.finetune import FinetuneConfig, finetune
     from mlx_baldwhisper.training.trainer import TrainConfig
 
+    if allreduce_only:
+        import mlx.core as mx
+
+        model = load_model()
+        model.freeze()
+        model.decoder.unfreeze()
+        grads = model.trainable_parameters()
+        distributed.average_gradients(grads)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(5):
+            mx.eval(distributed.average_gradients(grads))
+        if distributed.is_main():
+            print(json.dumps({"processes": distributed.size(), "gradient_bytes": sum(
+                v.nbytes for _, v in tree_flatten(grads)),
+                "allreduce_s": round((time.perf_counter() - t0) / 5, 3), "load_avg": os.getloadavg()}))
+        return
     root = Path(workdir or tempfile.mkdtemp(prefix="mlxbw-dist-"))
     tag = f"n{distributed.size()}-{os.environ.get('OPENBLAS_NUM_THREADS', '1')}t"
     subset = root / f"subset-{tag}.tsv"

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .audio import (HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio,
                     log_mel_spectrogram, pad_or_trim)
 from .audio_context import AudioContext
-from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
+from .decoding import DecodingOptions, DecodingResult, decode_with_fallback, detect_language
 from .model import Whisper
 from .tokenizer import LANGUAGES, Tokenizer
 from .vad import VadOptions, chunks
@@ -112,8 +112,10 @@ def transcribe_vad(model: Whisper, items: Sequence[Any], tokenizer: Tokenizer,
         features, lengths = _encode(model, [audio[s.item][s.start:s.end] for s in batch], context)
         _detect(model, features, lengths, batch, languages, tokenizer, verbose, names)
         langs = [languages[s.item] or "en" for s in batch]
-        for s, r in zip(batch, _decode(model, features, lengths, langs, options, temperatures,
-                                       prompt, cr_threshold, lp_threshold, ns_threshold)):
+        prompts = [list(prompt) for _ in batch] if prompt else None
+        for s, r in zip(batch, decode_with_fallback(model, features, langs, prompts, options,
+                                                    temperatures, cr_threshold, lp_threshold,
+                                                    ns_threshold, lengths)):
             s.result = r
             if verbose and _spoken(r, lp_threshold, ns_threshold):
                 print(f"{names[s.item] + ': ' if len(items) > 1 else ''}"
@@ -167,38 +169,6 @@ def _detect(model: Whisper, features: mx.array, lengths: Optional[list[int]], ba
         if verbose is not None:
             tqdm.write(f"{names[item] + ': ' if len(names) > 1 else ''}"
                        f"Detected language: {LANGUAGES[lang].title()}")
-
-
-def _decode(model: Whisper, features: mx.array, lengths: Optional[list[int]], langs: list[str],
-            options: DecodingOptions,
-            temperatures: Sequence[float], prompt: list[int], cr_threshold: Optional[float],
-            lp_threshold: Optional[float], ns_threshold: Optional[float]) -> list[DecodingResult]:
-    """Decode at the first temperature; re-decode hotter only the chunks that failed
-    (too repetitive or too unsure, unless judged silent), as transcribe() does."""
-    results: list[Optional[DecodingResult]] = [None] * len(langs)
-    pending = list(range(len(langs)))
-    for t in temperatures:
-        kw: dict[str, Any] = {"temperature": t}
-        kw.update({"beam_size": None, "patience": None} if t > 0 else {"best_of": None})
-        failed = []
-        for lang in dict.fromkeys(langs[i] for i in pending):
-            idx = [i for i in pending if langs[i] == lang]
-            feats = features if len(idx) == features.shape[0] else features[mx.array(idx)]
-            tk = tokenizer_for(model, lang, options.task)
-            out = decode_features(model, feats, replace(options, language=lang, **kw), tk,
-                                  [list(prompt) for _ in idx] if prompt else None,
-                                  None if lengths is None else [lengths[i] for i in idx])
-            for i, r in zip(idx, out):
-                results[i] = r
-                repetitive = cr_threshold is not None and r.compression_ratio > cr_threshold
-                unsure = lp_threshold is not None and r.avg_logprob < lp_threshold
-                silent = ns_threshold is not None and r.no_speech_prob > ns_threshold
-                if (repetitive or unsure) and not (silent and unsure):
-                    failed.append(i)
-        pending = failed
-        if not pending:
-            break
-    return results  # type: ignore[return-value]
 
 
 def _spoken(r: DecodingResult, lp_threshold: Optional[float], ns_threshold: Optional[float]) -> bool:

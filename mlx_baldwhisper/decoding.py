@@ -317,3 +317,37 @@ def decode_features(model: Whisper, audio_features: mx.array, options: DecodingO
             r.language_probs = probs[i] if probs else None
             results[i] = r
     return results  # type: ignore[return-value]
+
+
+def decode_with_fallback(model: Whisper, features: mx.array, languages: Sequence[str],
+                         prompts: Optional[Sequence[list[int]]], options: DecodingOptions,
+                         temperatures: Sequence[float], cr_threshold: Optional[float],
+                         lp_threshold: Optional[float], ns_threshold: Optional[float],
+                         audio_lengths: Optional[Sequence[int]] = None) -> list[DecodingResult]:
+    """openai-whisper's temperature fallback over a batch of windows: decode all at the first
+    temperature, then re-decode hotter only those that failed (too repetitive, or too unsure
+    unless judged silent). ``languages``/``prompts``/``audio_lengths`` are per window."""
+    results: list[Optional[DecodingResult]] = [None] * len(languages)
+    pending = list(range(len(languages)))
+    for t in temperatures:
+        kw: dict = {"temperature": t}
+        kw.update({"beam_size": None, "patience": None} if t > 0 else {"best_of": None})
+        failed = []
+        for lang in dict.fromkeys(languages[i] for i in pending):
+            idx = [i for i in pending if languages[i] == lang]
+            feats = features if len(idx) == features.shape[0] else features[mx.array(idx)]
+            out = decode_features(model, feats, replace(options, language=lang, **kw),
+                                  tokenizer_for(model, lang, options.task),
+                                  [prompts[i] for i in idx] if prompts else None,
+                                  None if audio_lengths is None else [audio_lengths[i] for i in idx])
+            for i, r in zip(idx, out):
+                results[i] = r
+                repetitive = cr_threshold is not None and r.compression_ratio > cr_threshold
+                unsure = lp_threshold is not None and r.avg_logprob < lp_threshold
+                silent = ns_threshold is not None and r.no_speech_prob > ns_threshold
+                if (repetitive or unsure) and not (silent and unsure):
+                    failed.append(i)
+        pending = failed
+        if not pending:
+            break
+    return results  # type: ignore[return-value]

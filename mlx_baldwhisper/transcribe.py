@@ -19,7 +19,8 @@ from tqdm import tqdm
 from .audio_context import AudioContext, Spec, of_model
 from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError,
                     load_audio, log_mel_spectrogram, pad_or_trim)
-from .decoding import DecodingOptions, DecodingResult, decode_features, detect_language, tokenizer_for
+from .decoding import (DecodingOptions, DecodingResult, decode_with_fallback, detect_language,
+                       tokenizer_for)
 from .chunked import check_chunking, transcribe_vad
 from .load import load_model
 from .model import Whisper
@@ -266,8 +267,9 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
                            f"Detected language: {LANGUAGES[lang].title()}")
     for s in streams:
         s.language = s.language or "en"
-    results = _decode_with_fallback(model, features, lengths, streams, options, temperatures,
-                                    cr_threshold, lp_threshold, ns_threshold)
+    results = decode_with_fallback(model, features, [s.language for s in streams],
+                                   [s.tokens[s.prompt_since:] for s in streams], options,
+                                   temperatures, cr_threshold, lp_threshold, ns_threshold, lengths)
     for i, (s, size, result) in enumerate(zip(streams, sizes, results)):
         start = s.seek
         if ns_threshold is not None and result.no_speech_prob > ns_threshold and not (
@@ -350,40 +352,6 @@ def _skip_hallucinations(s: _Stream, new: list[dict[str, Any]], start: int, size
                 return new[:k]
         previous_end = seg["end"]
     return new
-
-
-def _decode_with_fallback(model, features, lengths, streams, options, temperatures,
-                          cr_threshold, lp_threshold, ns_threshold) -> list[DecodingResult]:
-    """Decode all windows at the first temperature; re-decode only the failures hotter."""
-    results: list[Optional[DecodingResult]] = [None] * len(streams)
-    pending = list(range(len(streams)))
-    for t in temperatures:
-        kw = {"temperature": t}
-        if t > 0:
-            kw.update(beam_size=None, patience=None)
-        else:
-            kw.update(best_of=None)
-        by_lang: dict[str, list[int]] = {}
-        for i in pending:
-            by_lang.setdefault(streams[i].language, []).append(i)
-        failed = []
-        for lang, idx in by_lang.items():
-            opts = replace(options, language=lang, **kw)
-            prompts = [streams[i].tokens[streams[i].prompt_since:] for i in idx]
-            feats = features if len(idx) == features.shape[0] else features[mx.array(idx)]
-            tk = tokenizer_for(model, lang, options.task)
-            own = None if lengths is None else [lengths[i] for i in idx]
-            for i, r in zip(idx, decode_features(model, feats, opts, tk, prompts, own)):
-                results[i] = r
-                too_repetitive = cr_threshold is not None and r.compression_ratio > cr_threshold
-                too_unsure = lp_threshold is not None and r.avg_logprob < lp_threshold
-                silent = ns_threshold is not None and r.no_speech_prob > ns_threshold
-                if (too_repetitive or too_unsure) and not (silent and too_unsure):
-                    failed.append(i)
-        pending = failed
-        if not pending:
-            break
-    return results  # type: ignore[return-value]
 
 
 def _segments(s: _Stream, size: int, result: DecodingResult, tokenizer) -> list[dict[str, Any]]:

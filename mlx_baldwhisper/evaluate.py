@@ -271,7 +271,13 @@ def _batch_features(model: Whisper, batch: list[Item], cache: Optional[FeatureCa
             feats.append(cache.get(it))
             continue
         try:
-            mel = it.mel if isinstance(it, TokenizedExample) else load_mel(it.audio, model.dims.n_mels)
+            if isinstance(it, TokenizedExample):
+                mel = it.mel
+            else:  # its duration, when the manifest gave none, sets a short context's length
+                samples = load_samples(it.audio)
+                if getattr(it, "duration", None) is None:
+                    it = replace(it, duration=samples.shape[0] / SAMPLE_RATE)
+                mel = load_mel((samples, SAMPLE_RATE), model.dims.n_mels)
         except (AudioError, ClipTooLongError) as e:
             log.warning("skipping %s: %s", it.name, e)
             skipped.append((it.name, str(e)))

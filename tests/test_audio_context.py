@@ -258,3 +258,15 @@ def test_vad_chunks_follow_the_audio_context(monkeypatch):
     assert seen and max(seen) < 1500
     assert [(s["start"], s["end"]) for s in short["segments"]] == \
         [(s["start"], s["end"]) for s in full["segments"]]
+
+
+def test_evaluate_encodes_manifest_clips_over_the_short_context(corpus, monkeypatch):
+    from mlx_baldwhisper.dataset import read_manifest
+    from mlx_baldwhisper.evaluate import evaluate
+
+    model = tiny_model()
+    items = read_manifest(str(corpus / "dev.tsv"))  # no durations in the manifest
+    seen = _record_positions(model, monkeypatch)
+    evaluate(model, items, language="ha", audio_context="dynamic", progress=False,
+             options=DecodingOptions(without_timestamps=True, sample_len=4))
+    assert seen and max(seen) == AudioContext(mode="dynamic").positions_for(50, 1500) == 96

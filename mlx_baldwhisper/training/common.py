@@ -20,10 +20,10 @@ import mlx.core as mx
 
 from .. import backends
 from ..diskspace import size_text, writing
-from ..decoding import tokenizer_for
+from ..decoding import audio_padding as decoding_padding, tokenizer_for
 from ..evaluate import error_rates, evaluate
 from ..audio_context import AudioContext, of_model
-from ..model import Whisper, padding_mask
+from ..model import Whisper
 from ..weights import mlx_folder
 from ..dataset import TokenizedExample, prepare, read_manifest
 from ..features import FeatureCache, encoder_fingerprint
@@ -152,9 +152,7 @@ def decoder_input(model: Whisper, batch: dict) -> mx.array:
 def audio_padding(batch: dict) -> Optional[mx.array]:
     """Cross-attention mask for a batch of clips encoded over different audio contexts."""
     lengths = batch.get("audio_lengths")
-    if lengths is None:
-        return None
-    return padding_mask(mx.array(lengths), batch["features"].shape[1])
+    return None if lengths is None else decoding_padding(lengths, batch["features"].shape[1])
 
 
 def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array,

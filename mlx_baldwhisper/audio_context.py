@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 MODES = ("full", "dynamic", "fixed")
 DEFAULT_MARGIN = 64  # positions (1.28 s) of what follows the speech
@@ -112,3 +112,29 @@ def of_model(model: Any, override: Spec = None) -> AudioContext:
     """The policy a model transcribes with: ``override``, else its config's, else full."""
     saved = AudioContext.parse(model.extra_config.get("audio_context"))
     return AudioContext.parse(override, default=saved)
+
+
+def encode_windows(model: Any, mels: Sequence[Any], positions: Sequence[int],
+                   frames: Optional[Sequence[int]] = None) -> tuple[Any, Optional[list[int]]]:
+    """Encode windows in one batch, each over its own ``positions``; the one place that
+    turns windows into encoder input, for transcription, chunked decoding and the cache.
+
+    Each mel (frames x n_mels, numpy or MLX, any length) is cut or zero-padded to twice the
+    widest window's positions; with ``frames`` (each window's mel frames of audio) the mel
+    past them is zeroed, so a window encodes exactly as it would alone. Returns the
+    features (padded to the widest) and the positions per window when they differ."""
+    import mlx.core as mx
+
+    width = max(positions)
+    n = 2 * width
+    rows = []
+    for i, mel in enumerate(mels):
+        row = mx.array(mel)[:n if frames is None else min(n, frames[i])]
+        if row.shape[0] < n:
+            row = mx.pad(row, [(0, n - row.shape[0]), (0, 0)])
+        rows.append(row)
+    lengths = None if min(positions) == width else [int(p) for p in positions]
+    batch = mx.stack(rows).astype(model.dtype)
+    if lengths is None:
+        return model.embed_audio(batch), None
+    return model.embed_audio(batch, mx.array(lengths)), lengths

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .audio import (HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError, load_audio,
                     log_mel_spectrogram, pad_or_trim)
-from .audio_context import AudioContext
+from .audio_context import AudioContext, encode_windows
 from .decoding import DecodingOptions, DecodingResult, decode_with_fallback, detect_language
 from .model import Whisper
 from .tokenizer import LANGUAGES, Tokenizer
@@ -138,17 +138,12 @@ def _encode(model: Whisper, chunks: list[np.ndarray], context: AudioContext
     """Encode chunks (each zero-padded to 30 s, as a training clip) in one batch; over a
     short audio context, each over its own positions (the mel past its audio zeroed, as
     the feature cache does). Returns the features and the positions when they differ."""
-    mels = mx.stack([log_mel_spectrogram(pad_or_trim(c, N_SAMPLES), model.dims.n_mels)
-                     for c in chunks]).astype(model.dtype)
+    mels = [log_mel_spectrogram(pad_or_trim(c, N_SAMPLES), model.dims.n_mels) for c in chunks]
+    ctx = model.dims.n_audio_ctx
     if context.is_full:
-        return model.embed_audio(mels), None
+        return encode_windows(model, mels, [ctx] * len(mels))
     frames = [max(1, min(N_FRAMES, -(-len(c) // HOP_LENGTH))) for c in chunks]
-    positions = [context.positions_for(n, model.dims.n_audio_ctx) for n in frames]
-    width = max(positions)
-    keep = mx.arange(2 * width)[None, :] < mx.array(frames)[:, None]
-    mels = mels[:, :2 * width] * keep[..., None].astype(mels.dtype)
-    lengths = None if min(positions) == width else positions
-    return model.embed_audio(mels, None if lengths is None else mx.array(lengths)), lengths
+    return encode_windows(model, mels, [context.positions_for(n, ctx) for n in frames], frames)
 
 
 def _detect(model: Whisper, features: mx.array, lengths: Optional[list[int]], batch: list[_Span],

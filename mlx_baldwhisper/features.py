@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from .audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError
-from .audio_context import AudioContext
+from .audio_context import AudioContext, encode_windows
 from .dataset import ClipTooLongError, load_mel
 from .diskspace import size_text, writing
 
@@ -79,18 +79,15 @@ def encode_mels(model: Any, mels: np.ndarray, positions: Optional[Sequence[int]]
     import mlx.core as mx
 
     if positions is None:
-        feats = model.embed_audio(mx.array(mels).astype(model.dtype)).astype(mx.float16)
-        mx.eval(feats)
-        return np.array(feats)
-    width = max(positions)
-    mel = np.array(mels[:, :2 * width], np.float32)
-    for i, n in enumerate(frames or [N_FRAMES] * len(positions)):
-        mel[i, n:] = 0.0
-    lengths = None if min(positions) == width else mx.array(list(positions))
-    feats = model.embed_audio(mx.array(mel).astype(model.dtype), lengths).astype(mx.float16)
+        positions = [np.shape(mels)[1] // 2] * len(mels)  # every frame, as given
+        frames = None
+    elif frames is None:
+        frames = [N_FRAMES] * len(positions)
+    feats, lengths = encode_windows(model, mels, positions, frames)
+    feats = feats.astype(mx.float16)
     mx.eval(feats)
     out = np.array(feats)
-    return [out[i, :n] for i, n in enumerate(positions)]
+    return out if frames is None else [out[i, :n] for i, n in enumerate(positions)]
 
 
 def pad_stack(features: Sequence[np.ndarray]) -> tuple[np.ndarray, Optional[list[int]]]:

@@ -16,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .audio_context import AudioContext, Spec, of_model
+from .audio_context import AudioContext, Spec, encode_windows, of_model
 from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError,
-                    load_audio, log_mel_spectrogram, pad_or_trim)
+                    load_audio, log_mel_spectrogram)
 from .decoding import (DecodingOptions, DecodingResult, decode_with_fallback, detect_language,
                        tokenizer_for)
 from .chunked import check_chunking, transcribe_vad
@@ -242,13 +242,8 @@ def _encode_windows(model: Whisper, streams: list[_Stream], context: AudioContex
     ctx = model.dims.n_audio_ctx
     frames = context.window_frames(ctx)
     sizes = [min(frames, s.clip_end - s.seek) for s in streams]
-    positions = [context.positions_for(n, ctx) for n in sizes]
-    width = max(positions)
-    mels = mx.stack([pad_or_trim(s.mel[s.seek:s.seek + n], 2 * width, axis=0)
-                     for s, n in zip(streams, sizes)])
-    lengths = None if min(positions) == width else positions
-    features = model.embed_audio(mels.astype(model.dtype),
-                                 None if lengths is None else mx.array(lengths))
+    features, lengths = encode_windows(model, [s.mel[s.seek:s.seek + n] for s, n in zip(streams, sizes)],
+                                       [context.positions_for(n, ctx) for n in sizes], sizes)
     return sizes, features, lengths
 
 

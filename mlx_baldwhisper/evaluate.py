@@ -266,17 +266,22 @@ def _batch_features(model: Whisper, batch: list[Item], cache: Optional[FeatureCa
         context = cache.context
     ok, feats, missing, mels = [], [], [], []
     for it in batch:
-        if cache is not None and it in cache:
-            ok.append(it)
-            feats.append(cache.get(it))
-            continue
         try:
+            samples = None
+            # Its duration, when the manifest gave none, sets a short context's length, and
+            # with it the cache key: known before the lookup, or the clip is re-encoded.
+            if not isinstance(it, TokenizedExample) and getattr(it, "duration", None) is None \
+                    and not context.is_full:
+                samples = load_samples(it.audio)
+                it = replace(it, duration=samples.shape[0] / SAMPLE_RATE)
+            if cache is not None and it in cache:
+                ok.append(it)
+                feats.append(cache.get(it))
+                continue
             if isinstance(it, TokenizedExample):
                 mel = it.mel
-            else:  # its duration, when the manifest gave none, sets a short context's length
-                samples = load_samples(it.audio)
-                if getattr(it, "duration", None) is None:
-                    it = replace(it, duration=samples.shape[0] / SAMPLE_RATE)
+            else:
+                samples = load_samples(it.audio) if samples is None else samples
                 mel = load_mel((samples, SAMPLE_RATE), model.dims.n_mels)
         except (AudioError, ClipTooLongError) as e:
             log.warning("skipping %s: %s", it.name, e)

@@ -270,3 +270,19 @@ def test_evaluate_encodes_manifest_clips_over_the_short_context(corpus, monkeypa
     evaluate(model, items, language="ha", audio_context="dynamic", progress=False,
              options=DecodingOptions(without_timestamps=True, sample_len=4))
     assert seen and max(seen) == AudioContext(mode="dynamic").positions_for(50, 1500) == 96
+
+
+def test_evaluate_finds_duration_less_clips_in_a_short_context_cache(corpus, monkeypatch, tmp_path):
+    from mlx_baldwhisper.dataset import read_manifest
+    from mlx_baldwhisper.evaluate import evaluate
+    from mlx_baldwhisper.features import FeatureCache, encoder_fingerprint
+
+    model = tiny_model()
+    items = read_manifest(str(corpus / "dev.tsv"))  # no durations: the key needs the audio's
+    cache = FeatureCache(encoder_fingerprint(model), tmp_path / "cache", context=AudioContext(mode="dynamic"))
+    opts = DecodingOptions(without_timestamps=True, sample_len=4)
+    first = evaluate(model, items, language="ha", features=cache, progress=False, options=opts)
+    seen = _record_positions(model, monkeypatch)
+    again = evaluate(model, items, language="ha", features=cache, progress=False, options=opts)
+    assert not seen  # every clip came from the cache, none was encoded again
+    assert [r["hypothesis"] for r in again["rows"]] == [r["hypothesis"] for r in first["rows"]]

@@ -82,6 +82,14 @@ def test_evaluate_command_long_form(tmp_path, monkeypatch):
     assert (tmp_path / "hyps.tsv").exists() and (tmp_path / "hyps.long.tsv").exists()
     bad = CliRunner().invoke(main, ["evaluate", "--data", str(tmp_path / "dev.tsv"), "--long-form", "0"])
     assert bad.exit_code != 0 and "long-form" in bad.output
+    vad = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "m"), "--data",
+                                    str(tmp_path / "dev.tsv"), "--language", "en", "--long-form", "2",
+                                    "--chunking", "vad", "--no-clips"])
+    assert vad.exit_code == 0, vad.output
+    assert seen["chunking"] == "vad" and "chunking vad" in vad.output
+    assert "utterances" not in vad.output  # --no-clips: the clips were not scored one by one
+    lonely = CliRunner().invoke(main, ["evaluate", "--data", str(tmp_path / "dev.tsv"), "--no-clips"])
+    assert lonely.exit_code != 0 and "--no-clips needs --long-form" in lonely.output
 
 
 def test_results_table_has_long_form_columns():

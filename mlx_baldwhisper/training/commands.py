@@ -260,18 +260,43 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
     @click.option("--audio-context", default=None,
                   help="Encoder positions per window: full, dynamic, dynamic:MARGIN or a number "
                        "(default: the model's config.json, else full).")
+    @click.option("--chunking", default="sequential", show_default=True,
+                  type=click.Choice(["sequential", "vad"]),
+                  help="How --long-form recordings are transcribed: sequential 30-s seeking on "
+                       "timestamps, or cut at silences by the VAD (transcribe's chunking).")
+    @click.option("--no-clips", is_flag=True,
+                  help="With --long-form, score only the long recordings, not each clip.")
     @friendly
     def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
-                     long_form_gap, audio_context):
+                     long_form_gap, audio_context, chunking, no_clips):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
         --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
-        from ..evaluate import evaluate, evaluate_long_form, save_hypotheses
+        from ..evaluate import evaluate_long_form, save_hypotheses
         from ..load import load_model
         from ..dataset import read_manifest
 
+        if no_clips and not long_form:
+            raise click.UsageError("--no-clips needs --long-form: there would be nothing to score")
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
         whisper, examples = load_model(model), read_manifest(manifest, language=language)
+        if not no_clips:
+            _score_clips(whisper, examples, manifest, language, batch_size, limit, options,
+                         audio_context, output)
+        if long_form:
+            lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
+                                    batch_size=batch_size, limit=limit, audio_context=audio_context,
+                                    chunking=chunking)
+            click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
+                       f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
+                       f"audio, {lf['seconds']:.0f} s, chunking {chunking})")
+            if output:
+                save_hypotheses(lf, _long_form_path(output))
+
+    def _score_clips(whisper, examples, manifest, language, batch_size, limit, options,
+                     audio_context, output) -> None:
+        from ..evaluate import evaluate, save_hypotheses
+
         r = evaluate(whisper, examples, language=language, batch_size=batch_size, limit=limit,
                      options=options, audio_context=audio_context)
         if r["n"] == 0:
@@ -282,14 +307,6 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                    f"{len(r['skipped'])} skipped, {r['seconds']:.0f} s)")
         if output:
             save_hypotheses(r, output)
-        if long_form:
-            lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
-                                    batch_size=batch_size, limit=limit, audio_context=audio_context)
-            click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
-                       f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
-                       f"audio, {lf['seconds']:.0f} s)")
-            if output:
-                save_hypotheses(lf, _long_form_path(output))
 
     @main.command("recipe")
     @click.option("--stages", default=None,

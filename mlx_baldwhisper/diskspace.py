@@ -4,7 +4,8 @@ A full disk shows up as ENOSPC/EDQUOT from Python, or as MLX's bare ``[write] Un
 to write`` RuntimeError. Writers check the free space before they start
 (:func:`ensure_space`) and wrap the writing in :func:`writing`, which turns either
 failure into :class:`DiskFullError`; they write into a temporary path and delete it
-on failure, so an earlier output at the path stays as it was.
+on failure, so an earlier output at the path stays as it was. Single files do all this
+with :func:`replace_file` (written whole) and :func:`append_file` (a log line added whole).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 # Filesystem metadata, the small JSON files and rounding: asked for on top of the data.
 MARGIN = 1 << 20
@@ -72,3 +73,37 @@ def writing(path: str | os.PathLike, needed: int) -> Iterator[None]:
         if _is_disk_full(e, path, needed):
             raise disk_full(path, needed) from None
         raise
+
+
+def replace_file(path: str | os.PathLike, data: str | bytes, tmp: Optional[Path] = None) -> None:
+    """Replace ``path`` whole (text as UTF-8): written to ``tmp`` beside it, then renamed
+    over it, so a kill or a full disk leaves the earlier file as it was, and a full disk
+    is a :class:`DiskFullError` naming ``path``."""
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = tmp or path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with writing(path, len(raw)):
+            tmp.write_bytes(raw)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def append_file(path: str | os.PathLike, data: str | bytes) -> None:
+    """Add ``data`` at the end of ``path`` whole or not at all: a failed write (a full
+    disk: :class:`DiskFullError` naming ``path``) cuts the file back to where it ended."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            with writing(path, len(raw)):
+                rest = memoryview(raw)
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+        except BaseException:
+            os.ftruncate(fd, end)  # frees space, so it works on a full disk too
+            raise
+    finally:
+        os.close(fd)

@@ -39,6 +39,7 @@ from .audio import N_SAMPLES, SAMPLE_RATE, AudioError
 from .decoding import DecodingOptions, decode_features
 from .model import Whisper
 from .tokenizer import Tokenizer
+from .diskspace import replace_file
 from .dataset import ClipTooLongError, Example, TokenizedExample, load_mel, load_samples
 from .audio_context import AudioContext, Spec, of_model
 from .features import FeatureCache, encode_mels, pad_stack, speech_frames
@@ -315,7 +316,8 @@ def _row(it: Item, hypothesis: str, language: str) -> dict[str, Any]:
 
 def save_hypotheses(result: dict[str, Any], path: Union[str, os.PathLike]) -> list[Path]:
     """Write ``result`` as ``.tsv`` (one row per utterance) or ``.json`` (everything),
-    chosen by the extension; any other name gets both ``<path>.tsv`` and ``<path>.json``."""
+    chosen by the extension; any other name gets both ``<path>.tsv`` and ``<path>.json``.
+    Each file is replaced whole: a full disk is a DiskFullError naming it, the earlier file kept."""
     p = Path(path)
     targets = [p] if p.suffix in (".tsv", ".json") else [Path(f"{p}.tsv"), Path(f"{p}.json")]
     for t in targets:
@@ -323,11 +325,11 @@ def save_hypotheses(result: dict[str, Any], path: Union[str, os.PathLike]) -> li
         if t.suffix == ".json":
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                      for k, v in result.items()}
-            t.write_text(json.dumps(clean, ensure_ascii=False, indent=1), encoding="utf-8")
+            replace_file(t, json.dumps(clean, ensure_ascii=False, indent=1))
             continue
         cols = ["audio", "language", "reference", "hypothesis", "reference_norm", "hypothesis_norm",
                 "wer", "cer"]
         lines = ["\t".join(cols)]  # tabs and newlines inside texts become spaces
         lines += ["\t".join(" ".join(str(r[c]).split()) for c in cols) for r in result["rows"]]
-        t.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        replace_file(t, "\n".join(lines) + "\n")
     return targets

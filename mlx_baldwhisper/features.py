@@ -28,7 +28,7 @@ import numpy as np
 from .audio import HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE, AudioError
 from .audio_context import AudioContext, encode_windows
 from .dataset import ClipTooLongError, load_mel
-from .diskspace import size_text, writing
+from .diskspace import replace_file, size_text
 
 log = logging.getLogger(__name__)
 
@@ -256,14 +256,7 @@ class FeatureCache:
         f = self._file(key)
         if f is None:
             return
-        data = _entry(features)
-        tmp = f.with_name(f"{key}.{os.getpid()}.tmp")
-        try:
-            with writing(f, len(data)):
-                tmp.write_bytes(data)
-            os.replace(tmp, f)
-        finally:
-            tmp.unlink(missing_ok=True)
+        replace_file(f, _entry(features), tmp=f.with_name(f"{key}.{os.getpid()}.tmp"))
 
     def stack(self, items: Sequence[Any]) -> tuple[np.ndarray, Optional[list[int]]]:
         """The items' features as one batch, and their lengths if they differ (pad_stack)."""

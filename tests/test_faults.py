@@ -22,10 +22,14 @@ from mlx_baldwhisper import diskspace, load_model, locks
 from mlx_baldwhisper.cli import main
 from mlx_baldwhisper.convert import convert
 from mlx_baldwhisper.diskspace import DiskFullError
+from mlx_baldwhisper.evaluate import save_hypotheses
 from mlx_baldwhisper.features import FeatureCache
+from mlx_baldwhisper.folders import MARKER
 from mlx_baldwhisper.locks import OutputBusyError
+from mlx_baldwhisper.training import merge_search as search_module
 from mlx_baldwhisper.training.checkpoint import (CorruptCheckpointError, load_checkpoint,
                                                  resumable_checkpoint, verify_checkpoint)
+from mlx_baldwhisper.training.merge_search import MergeSearchConfig, merge_search
 from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig
 from mlx_baldwhisper.training.trainer import Trainer
 from mlx_baldwhisper.weights import mlx_folder
@@ -117,8 +121,26 @@ def full_mx_save(monkeypatch):
     monkeypatch.setattr(mx, "save_safetensors", save)
 
 
+def full_write_bytes(monkeypatch, name: str = "") -> None:
+    """Path.write_bytes stores 100 bytes, then fails as a full disk does, for the files
+    whose name contains ``name`` (the temp files of that output); others are written."""
+    real = Path.write_bytes
+
+    def write(path: Path, data: bytes) -> int:
+        if name not in path.name:
+            return real(path, data)
+        real(path, data[:100])
+        raise enospc()
+    monkeypatch.setattr(Path, "write_bytes", write)
+
+
 def hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden files other than a run folder's marker: temp files a failed write left."""
+    return [n for n in hidden(folder) if n != MARKER]
 
 
 def test_full_disk_model_folder_keeps_the_earlier_one(tmp_path, monkeypatch):
@@ -152,12 +174,7 @@ def test_full_disk_feature_cache(tmp_path, monkeypatch):
     cache = FeatureCache("enc", tmp_path / "cache")
     item = str(tmp_path / "clip.wav")
     Path(item).write_bytes(b"any bytes: the key hashes them")
-    real = Path.write_bytes
-
-    def full(path: Path, data: bytes) -> None:
-        real(path, data[:100])
-        raise enospc()
-    monkeypatch.setattr(Path, "write_bytes", full)
+    full_write_bytes(monkeypatch)
     with pytest.raises(DiskFullError, match=r"cache/[0-9a-f]{64}\.npy: it needs about"):
         cache.put(item, np.ones((1500, 32), np.float16))
     assert list((tmp_path / "cache").iterdir()) == []
@@ -172,6 +189,95 @@ def test_full_disk_convert_leaves_no_half_folder(corpus, monkeypatch):
         convert(str(corpus / "start"), str(out), "float32", force=True, log=lambda *_: None)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p for p in hidden(corpus) if "converted" in p] == []
+
+
+# The auxiliary files of a run: each is replaced whole, or (a log) added to whole.
+
+def test_full_disk_metrics_line_is_added_whole_or_not_at_all(tmp_path, monkeypatch):
+    train(tmp_path, 2, save_every=1)
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real = os.write
+
+    def write(fd: int, data) -> int:  # a metrics line gets 10 bytes onto the disk, then fails
+        if b'"kind"' not in bytes(data):
+            return real(fd, data)
+        real(fd, bytes(data)[:10])
+        raise enospc()
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(DiskFullError, match=r"metrics.jsonl: it needs about"):
+        train(tmp_path, 4, save_every=1)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before and leftovers(tmp_path) == []
+    monkeypatch.undo()
+    res, _ = train(tmp_path, 4, save_every=1)  # space freed: the same call resumes
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert res.step == 4 and [json.loads(ln)["step"] for ln in lines] == [1, 2, 3, 4]
+
+
+def test_full_disk_metrics_plot_is_a_warning_and_the_run_keeps_its_model(tmp_path, monkeypatch, caplog):
+    """The plot comes after the best model and the last checkpoint are saved: a run that
+    cannot draw it still completes, with a warning naming the file."""
+    pytest.importorskip("matplotlib")
+    wers = iter([0.9, 0.8, 0.7, 0.6])  # each evaluation is the best so far
+
+    def run(steps: int):
+        settings = cfg(max_steps=steps, schedule="constant", warmup_steps=0, plot=True, eval_every=1)
+        return Trainer(tiny(0), ce_loss, settings, tmp_path, evaluate_fn=lambda m: {"wer": next(wers)}
+                       ).train(ListBatcher(make_batches(3)), resume=True)
+    run(2)
+    png = (tmp_path / "metrics.png").read_bytes()
+    full_write_bytes(monkeypatch, "metrics.png")
+    with caplog.at_level(logging.WARNING):
+        res = run(4)
+    warned = [m for m in caplog.messages if "metrics plot was not written" in m]
+    assert len(warned) == 1 and "metrics.png: it needs about" in warned[0], caplog.messages
+    assert res.status == "completed" and res.step == 4
+    assert (tmp_path / "metrics.png").read_bytes() == png and leftovers(tmp_path) == []
+    assert json.loads((tmp_path / "best.json").read_text())["step"] == 4
+    assert (tmp_path / "best" / "weights.safetensors").exists()
+
+
+STAGE = {"wer": 0.2, "cer": 0.1, "n": 2, "params": 1e6, "train_seconds": 1.0, "eval_seconds": 1.0}
+
+
+@pytest.mark.parametrize("name", ["results.json", "results.md"])
+def test_full_disk_recipe_results_keep_the_earlier_file(tmp_path, monkeypatch, name):
+    recipe = Recipe("train.tsv", "dev.tsv", str(tmp_path), RecipeConfig())
+    recipe.results["stages"]["teacher"] = STAGE
+    recipe._save_results()
+    before = (tmp_path / name).read_bytes()
+    recipe.results["stages"]["final"] = STAGE
+    full_write_bytes(monkeypatch, name)
+    with pytest.raises(DiskFullError, match=rf"{tmp_path / name}: it needs about"):
+        recipe._save_results()
+    assert (tmp_path / name).read_bytes() == before and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["teacher.tsv", "teacher.json"])
+def test_full_disk_hypotheses_keep_the_earlier_file(tmp_path, monkeypatch, name):
+    row = {"audio": "a.wav", "language": "ha", "reference": "ina kwana", "hypothesis": "ina kwana",
+           "reference_norm": "ina kwana", "hypothesis_norm": "ina kwana", "wer": 0.0, "cer": 0.0}
+    path = tmp_path / "hypotheses" / name
+    save_hypotheses({"wer": 0.0, "cer": 0.0, "rows": [row]}, path)
+    before = path.read_bytes()
+    full_write_bytes(monkeypatch, name)
+    with pytest.raises(DiskFullError, match=rf"{path}: it needs about"):
+        save_hypotheses({"wer": 0.5, "cer": 0.2, "rows": [row] * 20}, path)
+    assert path.read_bytes() == before and leftovers(path.parent) == []
+
+
+def test_full_disk_merge_search_keeps_the_earlier_trials(tmp_path, monkeypatch):
+    """The trials themselves are stubbed: only the writing of trials.jsonl is under test."""
+    monkeypatch.setattr(search_module, "compress", lambda teacher, surgery: surgery)
+    monkeypatch.setattr(search_module, "recover", lambda *a, **kw: None)
+    monkeypatch.setattr(search_module, "dev_evaluator",
+                        lambda data, limit: lambda student: {"wer": 1 - student.alpha, "cer": 0.0})
+    out, search = tmp_path / "search", MergeSearchConfig(ratios=(0.0, 0.5))
+    assert merge_search(None, None, search, out)["alpha"] == 0.5
+    before = (out / "trials.jsonl").read_bytes()
+    full_write_bytes(monkeypatch, "trials.jsonl")
+    with pytest.raises(DiskFullError, match=rf"{out / 'trials.jsonl'}: it needs about"):
+        merge_search(None, None, search, out)
+    assert (out / "trials.jsonl").read_bytes() == before and leftovers(out) == []
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 import mlx.core as mx
 
 from .. import backends
-from ..diskspace import size_text, writing
+from ..diskspace import replace_file, size_text
 from ..decoding import audio_padding as decoding_padding, tokenizer_for
 from ..evaluate import error_rates, evaluate
 from ..audio_context import AudioContext, of_model
@@ -219,11 +218,4 @@ def write_json(path: Path, data: Any) -> None:
     """Replace ``path`` whole (a killed process leaves the old or the new file); a full
     disk is a DiskFullError naming it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, default=str)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with writing(path, len(text)):
-            tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_file(path, json.dumps(data, indent=2, default=str))

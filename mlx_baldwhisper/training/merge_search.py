@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
+from ..diskspace import replace_file
 from ..folders import claim_run_folder
 from ..surgery import Surgery, compress
 from ..model import Whisper
@@ -37,7 +38,8 @@ class MergeSearchConfig:
 
 def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
                  groups: Optional[str] = None) -> dict:
-    """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``."""
+    """Returns {"alpha", "beta", "trials"}; trials go to ``out/trials.jsonl``, replaced
+    whole after each one (a full disk: DiskFullError naming it, the earlier list kept)."""
     if is_main():
         claim_run_folder(out)
     score = dev_evaluator(data, cfg.dev_limit)
@@ -51,6 +53,6 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
         trials.append({"ratio": r, "alpha": r, "beta": 1.0 - r, **score(student),
                        "seconds": round(time.perf_counter() - start, 1)})
         if is_main():  # rewritten after each trial, so an interrupted search keeps what it did
-            (out / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+            replace_file(out / "trials.jsonl", "".join(json.dumps(t) + "\n" for t in trials))
     best = min(trials, key=lambda t: (t["wer"], t["cer"]))
     return {"alpha": best["alpha"], "beta": best["beta"], "trials": trials}

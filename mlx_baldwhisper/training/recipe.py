@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Optional
 from .. import locks
 from ..audio_context import AudioContext, of_model
 from ..decoding import DecodingOptions
+from ..diskspace import replace_file
 from ..evaluate import evaluate, evaluate_long_form, save_hypotheses
 from ..folders import claim_run_folder
 from ..load import load_model
@@ -166,10 +167,12 @@ class Recipe:
             self.results = disk
 
     def _save_results(self) -> None:
+        """Each file is replaced whole; a full disk is a DiskFullError naming it, after the
+        stage's model folder was saved (a rerun resumes the stage at its last step and re-scores it)."""
         self._reload()
         if is_main():  # with several processes, rank 0 writes every file of the recipe
             write_json(self.results_path, self.results)
-            (self.out / "results.md").write_text(results_table(self.results))
+            replace_file(self.out / "results.md", results_table(self.results))
 
     def _record(self, name: str, model: Whisper, seconds: float, **extra) -> None:
         data = self.inputs.data

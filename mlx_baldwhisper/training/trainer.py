@@ -10,6 +10,7 @@ bit-identically, clean Ctrl-C handling and a hard stop on a non-finite loss.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from .. import locks
-from ..diskspace import writing
+from ..diskspace import DiskFullError, append_file, replace_file
 from ..folders import claim_run_folder
 from . import distributed
 from .distributed import shard
@@ -374,16 +375,13 @@ class Trainer:
             return step < self.step or (step == self.step and (
                 kind != "eval" or self.last_eval_step == self.step))
         keep = [ln for ln in self.metrics_path.read_text().splitlines() if before(ln)]
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, self.metrics_path)
+        replace_file(self.metrics_path, "".join(ln + "\n" for ln in keep))
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if not distributed.is_main():
-            return
-        line = json.dumps(record) + "\n"
-        with writing(self.metrics_path, len(line)), open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(line)
+        """One line, whole or not at all: a full disk (DiskFullError) stops the run with the
+        earlier lines and the last checkpoint as they were."""
+        if distributed.is_main():
+            append_file(self.metrics_path, json.dumps(record) + "\n")
 
     # -- one optimizer step ----------------------------------------------------------
 
@@ -607,9 +605,17 @@ class Trainer:
             if self._saved_step != self.step:
                 self._save(start[0], capture_rng_state())
             if cfg.plot and distributed.is_main():
-                plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
+                self._plot()
         distributed.barrier()  # rank 0's checkpoint and model folder are complete
         return TrainResult(status, self.step, self.best, latest_checkpoint(self.out_dir), last_loss)
+
+    def _plot(self) -> None:
+        """metrics.png is a convenience: a full disk for it is a warning, not the end of a run
+        whose last checkpoint is already saved (the plot is redrawn when the run is rerun)."""
+        try:
+            plot_metrics(self.metrics_path, self.out_dir / "metrics.png")
+        except DiskFullError as e:
+            log.warning("the metrics plot was not written: %s", e)
 
 
 def _record_key(line: str) -> tuple[str, float]:
@@ -622,7 +628,8 @@ def _record_key(line: str) -> tuple[str, float]:
 
 
 def plot_metrics(metrics_jsonl: str | os.PathLike, png_path: str | os.PathLike) -> Optional[Path]:
-    """Training loss and dev-metric curves as a PNG; skipped (None) without matplotlib."""
+    """Training loss and dev-metric curves as a PNG; skipped (None) without matplotlib.
+    The PNG replaces ``png_path`` whole; a full disk is a DiskFullError naming it."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -647,6 +654,7 @@ def plot_metrics(metrics_jsonl: str | os.PathLike, png_path: str | os.PathLike) 
         ax2.set(xlabel="step", title="dev")
         ax2.legend()
     fig.tight_layout()
-    out = Path(png_path)
-    fig.savefig(out, dpi=100)
-    return out
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    replace_file(png_path, png.getvalue())
+    return Path(png_path)

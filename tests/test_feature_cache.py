@@ -109,10 +109,15 @@ def test_clear_cache_option(corpus):
     args = ["finetune", "--model", str(corpus / "start"), "--train", str(corpus / "train.tsv"),
             "--dev", str(corpus / "dev.tsv"), "--language", "ha", "--out", str(corpus / "t"),
             "--batch-size", "2", "--eval-limit", "1", "--max-steps", "1"]
+    from mlx_baldwhisper.training.recipe import RecipeConfig
+    from mlx_baldwhisper.training.silence import silence_window_count
+
+    train = len((corpus / "train.tsv").read_text().splitlines()) - 1
+    n = 4 + silence_window_count(train, RecipeConfig().silence_share)  # clips, windows without speech
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0 and f"feature cache {corpus / 'cache'}: 4 entries" in r.output, r.output
+    assert r.exit_code == 0 and f"feature cache {corpus / 'cache'}: {n} entries" in r.output, r.output
     (corpus / "cache" / "notes.txt").write_text("mine")
     r = CliRunner().invoke(main, [*args, "--max-steps", "2", "--clear-cache"])
     assert r.exit_code == 0, r.output
-    assert f"cleared the feature cache {corpus / 'cache'}: 4 entries" in r.output
-    assert (corpus / "cache" / "notes.txt").exists() and len(list((corpus / "cache").glob("*.npy"))) == 4
+    assert f"cleared the feature cache {corpus / 'cache'}: {n} entries" in r.output
+    assert (corpus / "cache" / "notes.txt").exists() and len(list((corpus / "cache").glob("*.npy"))) == n

@@ -218,7 +218,8 @@ def test_finetune_with_every_window_packed_runs_end_to_end(corpus):
 
     from mlx_baldwhisper.cli import main
 
-    (corpus / "cfg.json").write_text(json.dumps({"finetune": {"pack_prob": 1.0, "timestamp_prob": 0.0}}))
+    (corpus / "cfg.json").write_text(json.dumps({"finetune": {"pack_prob": 1.0, "timestamp_prob": 0.0},
+                                                 "silence_share": 0.0}))
     args = ["finetune", "--model", str(corpus / "start"), "--train", str(corpus / "train.tsv"),
             "--dev", str(corpus / "dev.tsv"), "--language", "ha", "--out", str(corpus / "t"),
             "--batch-size", "2", "--eval-limit", "2", "--max-steps", "2", "--config", str(corpus / "cfg.json")]

@@ -78,7 +78,8 @@ class StageOptions:
         from .common import load_data
 
         return load_data(model, self.train, self.dev, self.language, self.cache_folder(),
-                         cache_features=freeze_encoder, clear_cache=self.clear_cache)
+                         cache_features=freeze_encoder, clear_cache=self.clear_cache,
+                         silence_share=self.config().silence_share)
 
     def cache_folder(self) -> str:
         """Encoder features are cached beside the output, so stages of one run share them."""

@@ -30,6 +30,7 @@ from . import distributed
 from .data import Batcher
 from .losses import cross_entropy
 from .packing import PackedWindow, packed_windows
+from .silence import with_silence
 
 log = logging.getLogger("mlx_baldwhisper")
 
@@ -82,9 +83,10 @@ def training_packs(model: Optional[Whisper], items: Sequence[TokenizedExample], 
 
 def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Optional[str],
               cache_features: bool = True, max_tokens: Optional[int] = None,
-              clear_cache: bool = False) -> StageData:
-    """Read and prepare both manifests; cache encoder outputs unless the encoder trains
-    (``clear_cache`` empties the cache folder first)."""
+              clear_cache: bool = False, silence_share: float = 0.0) -> StageData:
+    """Read and prepare both manifests, add ``silence_share`` as many windows without
+    speech to the training clips (silence.py), and cache encoder outputs unless the encoder
+    trains (``clear_cache`` empties the cache folder first)."""
     tk = tokenizer_for(model, language)
     limit = max_tokens or model.dims.n_text_ctx // 2
     skipped: list[tuple[str, str]] = []
@@ -97,6 +99,7 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
     if not sets[0] or not sets[1]:
         raise ValueError(f"no usable clips in {train if not sets[0] else dev} "
                          f"({len(skipped)} skipped; see the warnings above)")
+    sets[0] = with_silence(sets[0], silence_share, tk.timestamp_begin, model.dims.n_mels)
     features = None
     if cache_features:  # over the model's audio context: a short one trains on short features
         features = cache_features_shared(model, sets[1] + sets[0], cache_dir, clear_cache,

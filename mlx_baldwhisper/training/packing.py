@@ -86,6 +86,8 @@ def _clip(item: TokenizedExample) -> Optional[_Clip]:
     p = item.prompt_length - 1  # the position of <|0.00|>
     tb = int(stamped[p])
     end = int(stamped[-2]) - tb
+    if end <= 0:  # no segment: a window without speech (silence.py) is not packed
+        return None
     length = max(end, math.ceil(item.duration / TIME_PRECISION - 1e-9))
     return _Clip(tuple(int(t) for t in stamped[:p]), tb, int(stamped[-1]),
                  tuple(int(t) for t in stamped[p + 1:-2]), end, length)

@@ -61,6 +61,9 @@ class RecipeConfig:
     # this audio context (e.g. "dynamic" or {"mode": "dynamic", "margin": 64}), features
     # are cached over it (several times cheaper) and every model keeps it. None: 30-s windows.
     feature_context: Optional[Any] = None
+    # Windows without speech (noise, silence; empty transcript) added to the training clips,
+    # as this share of their number, so the model writes nothing on silence (silence.py).
+    silence_share: float = 0.02
     eval_batch_size: int = 16
     # Cap on generated tokens when scoring (None: Whisper's 224). A cap bounds the time an
     # untuned model spends in repetition loops; it cannot change a transcript shorter than it.
@@ -235,7 +238,7 @@ class Recipe:
             base.extra_config["audio_context"] = AudioContext.parse(cfg.feature_context).to_dict()
         start = time.perf_counter()
         data = load_data(base, self.train, self.dev, cfg.language, self.cache_dir,
-                         clear_cache=self.clear_cache)
+                         clear_cache=self.clear_cache, silence_share=cfg.silence_share)
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
         self.inputs = StageInputs(_StageModels(self, base), data, cfg, self._merge_weights,

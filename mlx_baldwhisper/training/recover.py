@@ -6,6 +6,11 @@ temperature T optimised jointly with the student. Both share the frozen encoder,
 the cached encoder features serve both. Both losses run over the whole target sequence,
 timestamp tokens included (nothing is masked or suppressed), so the student learns the
 teacher's timestamps too.
+
+``hidden_weight`` adds intermediate-layer distillation: each merged layer's output is
+pulled towards the teacher's output after the last layer of its group (MSE over tokens),
+the same signal the shear stage gives the embedding, so recovery does not rest on the
+logits alone.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from typing import Optional
 import click
 import mlx.core as mx
 
+from .. import backends
 from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
 from .data import PACK_PROB, TIMESTAMP_PROB
-from .losses import LearnableTemperature, distillation_loss
+from .losses import LearnableTemperature, distillation_loss, hidden_state_mse
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -42,19 +48,45 @@ class RecoverConfig:
     # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
     # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
     pack_prob: float = PACK_PROB
+    # Intermediate-layer distillation: weight of the MSE between each student layer's
+    # output and the teacher's after the last layer of its merge group (0: off).
+    hidden_weight: float = 0.0
+
+
+def teacher_layers(student: Whisper) -> list[int]:
+    """For each of the student's decoder layers, the teacher layer whose output it stands
+    for: the last layer of its merge group, or the layer the removal baseline kept (from
+    the surgery record the student carries); the same layer when nothing was changed."""
+    record = student.extra_config.get("surgery", {})
+    if "decoder_merge" in record:
+        return [max(g) for g in record["decoder_merge"]["groups"]]
+    if "decoder_removal" in record:
+        return list(record["decoder_removal"]["kept"])
+    return list(range(student.dims.n_text_layer))
 
 
 def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weight: float,
-                    kl_weight: float):
-    """The Trainer optimises ``temperature`` with the student (it is an extra module)."""
+                    kl_weight: float, hidden_weight: float = 0.0,
+                    layers: Optional[list[int]] = None):
+    """The Trainer optimises ``temperature`` with the student (it is an extra module).
+    With ``hidden_weight``, student layer k also matches the teacher's layer ``layers[k]``."""
     def loss_fn(student, batch):
         feats = decoder_input(student, batch)
-        inputs = mx.array(batch["inputs"])
+        inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
         pad = audio_padding(batch)
-        logits = student.decoder(inputs, feats, audio_padding=pad)[0]
-        return distillation_loss(logits, teacher_logits(teacher, inputs, feats, pad),
-                                 mx.array(batch["targets"]),
-                                 mx.array(batch["mask"]), temperature(), ce_weight, kl_weight)
+        if not hidden_weight:
+            logits = student.decoder(inputs, feats, audio_padding=pad)[0]
+            return distillation_loss(logits, teacher_logits(teacher, inputs, feats, pad),
+                                     mx.array(batch["targets"]), mask, temperature(), ce_weight,
+                                     kl_weight)
+        with backends.inference():
+            t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad)
+        states, logits = student.decoder.layer_states(inputs, feats, pad)
+        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), mx.array(batch["targets"]),
+                                        mask, temperature(), ce_weight, kl_weight)
+        chosen = [mx.stop_gradient(t_states[i]) for i in (layers or range(len(states)))]
+        hidden = hidden_state_mse(states, chosen, mask)
+        return loss + hidden_weight * hidden, {**parts, "hidden": hidden}
     return loss_fn
 
 
@@ -64,12 +96,14 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
     teacher.freeze()
     temperature = LearnableTemperature(cfg.temperature)
     trainer = Trainer(
-        student, distill_loss_fn(teacher, temperature, cfg.ce_weight, cfg.kl_weight), cfg.train,
+        student, distill_loss_fn(teacher, temperature, cfg.ce_weight, cfg.kl_weight, cfg.hidden_weight,
+                                 teacher_layers(student)), cfg.train,
         run_folder(out), trainable_filter=["decoder."],
         extra_modules={"temperature": temperature},
         evaluate_fn=dev_evaluator(data, cfg.eval_limit) if evaluate else None,
         save_best=model_saver(Path(out), {"stage": stage, "ce_weight": cfg.ce_weight,
-                                          "kl_weight": cfg.kl_weight, **cfg.train.to_dict()}, force),
+                                          "kl_weight": cfg.kl_weight, "hidden_weight": cfg.hidden_weight,
+                                          **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob,

@@ -74,7 +74,7 @@ def audio_padding(lengths: Optional[Sequence[int]], positions: int) -> Optional[
     window fills the ``positions`` (the batch was encoded at one length)."""
     if lengths is None or all(n >= positions for n in lengths):
         return None
-    return padding_mask(mx.array(list(lengths)), positions)
+    return padding_mask(mx.array([int(n) for n in lengths]), positions)  # numpy ints too
 
 
 def detect_language(model: Whisper, audio_features: mx.array, tokenizer: Tokenizer,

@@ -286,3 +286,24 @@ def test_evaluate_finds_duration_less_clips_in_a_short_context_cache(corpus, mon
     again = evaluate(model, items, language="ha", features=cache, progress=False, options=opts)
     assert not seen  # every clip came from the cache, none was encoded again
     assert [r["hypothesis"] for r in again["rows"]] == [r["hypothesis"] for r in first["rows"]]
+
+
+def test_training_batch_of_short_contexts_is_masked_like_each_clip_alone():
+    """A training batch carries its clips' positions as a numpy array (Batcher); the loss
+    on the padded batch equals the token-weighted loss of each clip on its own features."""
+    from mlx_baldwhisper.features import pad_stack
+    from mlx_baldwhisper.training.common import ce_loss
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    feats = [rng.standard_normal((n, 32)).astype(np.float32) for n in (48, 96)]
+    tokens = rng.integers(0, 50000, size=(2, 6)).astype(np.int32)
+    mask = np.ones((2, 5), np.float32)
+    stacked, lengths = pad_stack(feats)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask, "features": stacked,
+             "audio_lengths": np.array(lengths, np.int32)}
+    together = ce_loss(model, batch)[0].item()
+    alone = [ce_loss(model, {"inputs": tokens[i:i + 1, :-1], "targets": tokens[i:i + 1, 1:],
+                             "mask": mask[i:i + 1], "features": feats[i][None]})[0].item()
+             for i in range(2)]
+    assert together == pytest.approx(sum(alone) / 2, rel=1e-4)

@@ -96,6 +96,23 @@ class TokenizedExample:
         return replace(self, tokens=self.timestamp_tokens, prompt_length=self.prompt_length - 1,
                        timestamp_tokens=None)
 
+    def with_prompt(self, prefix: Sequence[int]) -> "TokenizedExample":
+        """This clip conditioned on ``prefix`` (``<|startofprev|>`` and earlier text), as
+        ``transcribe()`` conditions each window on the text before it; the prefix is input
+        only, never a target."""
+        if not len(prefix):
+            return self
+        head = np.asarray(prefix, np.int32)
+        stamped = None if self.timestamp_tokens is None else np.concatenate([head, self.timestamp_tokens])
+        return replace(self, tokens=np.concatenate([head, self.tokens]),
+                       prompt_length=self.prompt_length + len(head), timestamp_tokens=stamped)
+
+    @property
+    def text_tokens(self) -> np.ndarray:
+        """What the model writes after the prompt, without eot (a packed window's
+        timestamps included, as in the text ``transcribe()`` conditions on)."""
+        return self.tokens[self.prompt_length:-1]
+
     @property
     def inputs(self) -> np.ndarray:
         return self.tokens[:-1]

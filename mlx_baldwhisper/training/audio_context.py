@@ -29,7 +29,7 @@ from ..folders import run_folder
 from ..model import Whisper, padding_mask
 from .common import (StageData, audio_padding, cache_features_shared, dev_evaluator, model_saver,
                      stage_settings, training_packs)
-from .data import PACK_PROB, Batcher
+from .data import PACK_PROB, PROMPT_PROB, Batcher
 from .packing import PackedWindow
 from .losses import distillation_loss, hidden_state_mse
 from .stage import ModelInput, Stage, StageInputs
@@ -52,6 +52,7 @@ class AudioContextConfig:
     eval_limit: Optional[int] = 100
     timestamp_prob: float = 0.5  # clips whose targets carry timestamps (distilled like text)
     pack_prob: float = PACK_PROB  # packed windows trained as windows (packing.py), cached per context
+    prompt_prob: float = PROMPT_PROB  # items conditioned on the previous clip's text
 
     def policy(self) -> AudioContext:
         return AudioContext(mode="dynamic", margin=self.margin, block=self.block)
@@ -71,9 +72,11 @@ class ShortContextBatcher(Batcher):
     def __init__(self, items, batch_size: int, seed: int, features: FeatureCache,
                  contexts: Sequence[AudioContext], caches: Optional[Sequence[FeatureCache]],
                  n_audio_ctx: int, timestamp_prob: float = 0.0,
-                 packs: Sequence[PackedWindow] = (), pack_prob: float = 0.0):
+                 packs: Sequence[PackedWindow] = (), pack_prob: float = 0.0,
+                 prompt_prob: float = 0.0, sot_prev: Optional[int] = None):
         super().__init__(items, batch_size, seed=seed, features=features, include_mel=False,
-                         timestamp_prob=timestamp_prob, packs=packs, pack_prob=pack_prob)
+                         timestamp_prob=timestamp_prob, packs=packs, pack_prob=pack_prob,
+                         prompt_prob=prompt_prob, sot_prev=sot_prev)
         self.contexts, self.caches, self.n_audio_ctx = list(contexts), caches, n_audio_ctx
 
     def collate(self, idx: np.ndarray) -> dict[str, np.ndarray]:
@@ -146,13 +149,14 @@ def short_context_data(model: Whisper, data: StageData, cfg: AudioContextConfig
     folder = data.features.directory
     if not data.features.context.is_full:  # the model already had a short context
         full = cache_features_shared(model, data.dev + data.train, folder, context=AudioContext())
-        data = StageData(data.train, data.dev, data.language, full, data.skipped)
+        data = StageData(data.train, data.dev, data.language, full, data.skipped, data.sot_prev)
     contexts = [AudioContext(mode="dynamic", margin=m, block=cfg.block) for m in cfg.margins()]
     caches = None
     if not cfg.train_encoder:
         caches = [cache_features_shared(model, data.train, folder, context=c) for c in contexts]
     dev = cache_features_shared(model, data.dev, folder, context=cfg.policy())
-    return contexts, caches, data, StageData(data.train, data.dev, data.language, dev, data.skipped)
+    return contexts, caches, data, StageData(data.train, data.dev, data.language, dev, data.skipped,
+                                             data.sot_prev)
 
 
 def teach_audio_context(student: Whisper, teacher: Whisper, data: StageData, cfg: AudioContextConfig,
@@ -164,7 +168,8 @@ def teach_audio_context(student: Whisper, teacher: Whisper, data: StageData, cfg
                            [data.features, *(caches or [])])
     batches = ShortContextBatcher(data.train, cfg.batch_size, cfg.train.seed, data.features,
                                   contexts, caches, student.dims.n_audio_ctx, cfg.timestamp_prob,
-                                  packs=packs, pack_prob=cfg.pack_prob)
+                                  packs=packs, pack_prob=cfg.pack_prob, prompt_prob=cfg.prompt_prob,
+                                  sot_prev=data.sot_prev)
     trainer = Trainer(
         student, context_loss_fn(teacher, cfg), cfg.train, run_folder(out),
         trainable_filter=None if cfg.train_encoder else ["decoder."],

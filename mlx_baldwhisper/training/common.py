@@ -42,17 +42,20 @@ class StageData:
     language: str
     features: Optional[FeatureCache]  # None when the encoder is trained
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sot_prev: Optional[int] = None  # <|startofprev|>, for items conditioned on previous text
 
     def batches(self, batch_size: int, seed: int, fraction: float = 1.0,
                 timestamp_prob: float = 0.0, pack_prob: float = 0.0,
-                model: Optional[Whisper] = None) -> Batcher:
-        """Training batches; ``timestamp_prob`` of the clips with timestamped targets, and
-        ``pack_prob`` of the packed windows (encoded by ``model`` into the cache) as windows."""
+                model: Optional[Whisper] = None, prompt_prob: float = 0.0) -> Batcher:
+        """Training batches; ``timestamp_prob`` of the clips with timestamped targets,
+        ``pack_prob`` of the packed windows (encoded by ``model`` into the cache) as windows,
+        and ``prompt_prob`` of the items conditioned on the previous clip's text."""
         items = self.train[: max(1, int(len(self.train) * fraction))]
         packs = training_packs(model, items, seed, pack_prob, [self.features])
         return Batcher(items, batch_size, seed=seed, features=self.features,
                        include_mel=self.features is None, timestamp_prob=timestamp_prob,
-                       packs=packs, pack_prob=pack_prob)
+                       packs=packs, pack_prob=pack_prob, prompt_prob=prompt_prob,
+                       sot_prev=self.sot_prev)
 
 
 def training_packs(model: Optional[Whisper], items: Sequence[TokenizedExample], seed: int,
@@ -104,7 +107,7 @@ def load_data(model: Whisper, train: str, dev: str, language: str, cache_dir: Op
     if cache_features:  # over the model's audio context: a short one trains on short features
         features = cache_features_shared(model, sets[1] + sets[0], cache_dir, clear_cache,
                                          context=of_model(model))
-    return StageData(sets[0], sets[1], language, features, skipped)
+    return StageData(sets[0], sets[1], language, features, skipped, tk.sot_prev)
 
 
 def cache_features_shared(model: Whisper, items: list[TokenizedExample],

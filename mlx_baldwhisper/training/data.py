@@ -12,12 +12,17 @@ from .packing import PackedWindow
 
 TIMESTAMP_STREAM = 0x7473  # keeps the timestamp draws apart from the batch plan's RNG
 PACK_DRAWS = 0x7064  # and the per-epoch draws of the packs shown
+PROMPT_STREAM = 0x7072  # and the draws of the items conditioned on the text before them
 # The stages' default share of clips trained with timestamps: Distil-Whisper's 50 %, which
 # kept its long-form ability while half the clips still train the plain text task the
 # dev set is scored on.
 TIMESTAMP_PROB = 0.5
 # The stages' default share of packed windows trained as windows: off until measured.
 PACK_PROB = 0.0
+# The stages' default share of items conditioned on the previous clip's text: transcribe()
+# conditions every window after the first on the text before it (openai's default), and
+# a model never trained with that prompt breaks under it on long recordings (RESULTS.md).
+PROMPT_PROB = 0.5
 
 
 class Batcher:
@@ -34,6 +39,11 @@ class Batcher:
     clip and epoch, from (seed, epoch) alone: a resumed run draws the same, and a share
     of 0 uses no randomness at all (the batches of a run without timestamps).
 
+    A share ``prompt_prob`` of the items (drawn per item and epoch, as the timestamps)
+    is conditioned on the text of the clip before it in the manifest (``<|startofprev|>``
+    ``sot_prev`` and its last ``n_text_ctx // 2 - 1`` tokens at most; a pack on the clip
+    before its first), as ``transcribe()`` conditions each window on the previous text.
+
     ``packs``: packed windows of these items (``packing.packed_windows``, a fixed plan whose
     features are cached). Each epoch, each pack is drawn (from seed and epoch) with
     probability ``pack_prob`` to train as one window, in place of its complete clips; the
@@ -45,7 +55,8 @@ class Batcher:
                  bucket_size: Optional[int] = None, shuffle: bool = True, drop_last: bool = False,
                  features: Optional[FeatureCache] = None, include_mel: bool = True,
                  timestamp_prob: float = 0.0, packs: Sequence[PackedWindow] = (),
-                 pack_prob: float = 0.0):
+                 pack_prob: float = 0.0, prompt_prob: float = 0.0, sot_prev: Optional[int] = None,
+                 prompt_limit: int = 223):
         if not items:
             raise ValueError("Batcher needs at least one item")
         if not 0.0 <= pack_prob <= 1.0:
@@ -59,7 +70,12 @@ class Batcher:
         if not 0.0 <= timestamp_prob <= 1.0:
             raise ValueError(f"timestamp_prob must be between 0 and 1, not {timestamp_prob}")
         self.timestamp_prob = timestamp_prob
-        self._stamps: tuple[Optional[tuple[int, int]], Optional[np.ndarray]] = (None, None)
+        if not 0.0 <= prompt_prob <= 1.0:
+            raise ValueError(f"prompt_prob must be between 0 and 1, not {prompt_prob}")
+        if prompt_prob and sot_prev is None:
+            raise ValueError("prompt_prob needs the <|startofprev|> token id (sot_prev)")
+        self.prompt_prob, self.sot_prev, self.prompt_limit = prompt_prob, sot_prev, prompt_limit
+        self._draw_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.eot = int(items[0].tokens[-1])
         self.epoch, self.index = 0, 0
         self._rng_state = np.random.default_rng(seed).bit_generator.state
@@ -144,17 +160,33 @@ class Batcher:
         return out
 
     def _as_trained(self, idx: np.ndarray) -> list[TokenizedExample]:
-        """The items of ``idx``, each with or without timestamps as drawn for this epoch."""
-        if not self.timestamp_prob:
-            return [self.items[i] for i in idx]
-        key = (int(self.seed), int(self.epoch))
-        if self._stamps[0] != key:
-            rng = np.random.default_rng([*key, TIMESTAMP_STREAM])
-            self._stamps = (key, rng.random(self.n_clips) < self.timestamp_prob)
-        draws = self._stamps[1]
-        assert draws is not None  # packs (past the clips) carry their timestamps already
-        return [self.items[i].with_timestamps() if i < self.n_clips and draws[i] else self.items[i]
-                for i in idx]
+        """The items of ``idx``, each with or without timestamps and the previous text as
+        drawn for this epoch."""
+        items = [self.items[i] for i in idx]
+        if self.timestamp_prob:
+            draws = self._draws(TIMESTAMP_STREAM, self.timestamp_prob)
+            # packs (past the clips) carry their timestamps already
+            items = [x.with_timestamps() if i < self.n_clips and draws[i] else x for i, x in zip(idx, items)]
+        if self.prompt_prob:
+            draws = self._draws(PROMPT_STREAM, self.prompt_prob)
+            items = [x.with_prompt(self._previous_text(i)) if draws[i] else x for i, x in zip(idx, items)]
+        return items
+
+    def _draws(self, stream: int, prob: float) -> np.ndarray:
+        """One draw per item (clips, then packs) for this epoch, from (seed, epoch, stream)."""
+        key = (int(self.seed), int(self.epoch), stream)
+        if key not in self._draw_cache:
+            self._draw_cache = {k: v for k, v in self._draw_cache.items() if k[:2] == key[:2]}
+            self._draw_cache[key] = np.random.default_rng(list(key)).random(len(self.items)) < prob
+        return self._draw_cache[key]
+
+    def _previous_text(self, i: int) -> list[int]:
+        """``<|startofprev|>`` and the text of the clip before item ``i`` (none for the first)."""
+        first = i if i < self.n_clips else self._members(i - self.n_clips)[0]
+        if first == 0:
+            return []
+        text = [int(t) for t in self.items[first - 1].text_tokens]
+        return [int(self.sot_prev), *text[len(text) - min(len(text), self.prompt_limit):]]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: epoch, batch index and the epoch's starting RNG state."""

@@ -17,7 +17,7 @@ import click
 from ..folders import run_folder
 from ..model import Whisper
 from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
-from .data import PACK_PROB, TIMESTAMP_PROB
+from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -34,6 +34,9 @@ class FinetuneConfig:
     # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
     # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
     pack_prob: float = PACK_PROB
+    # Share of items conditioned on the previous clip's text (<|startofprev|>), as
+    # transcribe() conditions each window on the text before it.
+    prompt_prob: float = PROMPT_PROB
 
 
 def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
@@ -51,7 +54,7 @@ def finetune(model: Whisper, data: StageData, cfg: FinetuneConfig, out: Path,
         settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob,
-                                      pack_prob=cfg.pack_prob, model=model), resume=resume)
+                                      pack_prob=cfg.pack_prob, model=model, prompt_prob=cfg.prompt_prob), resume=resume)
 
 
 def _configure(cfg, full: bool = False) -> None:

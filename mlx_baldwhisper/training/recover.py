@@ -28,7 +28,7 @@ from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
-from .data import PACK_PROB, TIMESTAMP_PROB
+from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss, hidden_state_mse
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -48,6 +48,9 @@ class RecoverConfig:
     # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
     # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
     pack_prob: float = PACK_PROB
+    # Share of items conditioned on the previous clip's text (<|startofprev|>), as
+    # transcribe() conditions each window on the text before it.
+    prompt_prob: float = PROMPT_PROB
     # Intermediate-layer distillation: weight of the MSE between each student layer's
     # output and the teacher's after the last layer of its merge group (0: off).
     hidden_weight: float = 0.0
@@ -107,7 +110,7 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob,
-                                      cfg.pack_prob, student), resume=resume)
+                                      cfg.pack_prob, student, cfg.prompt_prob), resume=resume)
 
 
 def merged_student(i: StageInputs) -> Whisper:

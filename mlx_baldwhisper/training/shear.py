@@ -28,7 +28,7 @@ from ..model import Whisper
 from ..surgery import Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits)
-from .data import PACK_PROB, TIMESTAMP_PROB
+from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -59,6 +59,9 @@ class ShearConfig:
     # Share of the packed windows (consecutive clips joined into <= 30-s windows with a
     # timestamped segment each, packing.py) trained as windows, drawn per pack and epoch.
     pack_prob: float = PACK_PROB
+    # Share of items conditioned on the previous clip's text (<|startofprev|>), as
+    # transcribe() conditions each window on the text before it.
+    prompt_prob: float = PROMPT_PROB
 
 
 def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float,
@@ -148,7 +151,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
         settings=stage_settings(cfg, data),
     )
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, timestamp_prob=cfg.timestamp_prob,
-                                      pack_prob=cfg.pack_prob, model=student), resume=resume)
+                                      pack_prob=cfg.pack_prob, model=student, prompt_prob=cfg.prompt_prob), resume=resume)
 
 
 def _configure(cfg, rank: Optional[int] = None) -> None:

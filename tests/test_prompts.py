@@ -1,0 +1,91 @@
+"""Training conditioned on the previous text, as transcribe() conditions each window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mlx_baldwhisper.training.data import Batcher
+from mlx_baldwhisper.training.packing import packed_windows
+from test_packing import EOT, PROMPT, synthetic
+
+SOT_PREV = 50361
+
+
+def test_prompt_is_input_only():
+    clip = synthetic(1)[0]
+    prompted = clip.with_prompt([SOT_PREV, 7, 8])
+    assert prompted.tokens.tolist() == [SOT_PREV, 7, 8, *clip.tokens.tolist()]
+    # the targets trained are exactly the clip's own: its text and eot, never the prompt
+    assert prompted.targets[prompted.mask > 0].tolist() == clip.targets[clip.mask > 0].tolist()
+    stamped = prompted.with_timestamps()
+    assert stamped.tokens.tolist() == [SOT_PREV, 7, 8, *clip.timestamp_tokens.tolist()]
+    assert stamped.targets[stamped.mask > 0].tolist() == \
+        clip.with_timestamps().targets[clip.with_timestamps().mask > 0].tolist()
+    assert clip.with_prompt([]) is clip
+
+
+def _trained(b: Batcher) -> dict[int, list[int]]:
+    out = {}
+    for _ in range(len(b)):
+        batch = b.next_batch()
+        for row, i in enumerate(batch["index"]):
+            n = int(np.flatnonzero(batch["mask"][row])[-1]) + 1  # past it: padding
+            out[int(i)] = batch["inputs"][row][:n].tolist()
+    return out
+
+
+def test_a_share_of_items_is_conditioned_on_the_previous_clips_text():
+    items = synthetic(400)
+    b = Batcher(items, 8, seed=3, prompt_prob=0.5, sot_prev=SOT_PREV)
+    seen = _trained(b)
+    prompted = [i for i, toks in seen.items() if toks[0] == SOT_PREV]
+    assert 0.4 < len(prompted) / len(items) < 0.6 and 0 not in prompted
+    for i in prompted:
+        prev = items[i - 1].tokens[len(PROMPT) + 1:-1].tolist()  # its text, after <|notimestamps|>
+        assert seen[i][:1 + len(prev)] == [SOT_PREV, *prev]
+        assert seen[i][1 + len(prev):1 + len(prev) + len(PROMPT)] == PROMPT
+    again = _trained(Batcher(items, 8, seed=3, prompt_prob=0.5, sot_prev=SOT_PREV))
+    assert again == seen  # the draws come from the seed and epoch alone
+
+
+def test_prompts_leave_the_timestamp_draws_and_the_plan_alone():
+    items = synthetic(200)
+    plain = Batcher(items, 8, seed=1, timestamp_prob=0.5)
+    both = Batcher(items, 8, seed=1, timestamp_prob=0.5, prompt_prob=0.5, sot_prev=SOT_PREV)
+    a, b = _trained(plain), _trained(both)
+    assert a.keys() == b.keys()
+    for i in a:
+        body = b[i][b[i].index(PROMPT[0]):] if b[i][0] == SOT_PREV else b[i]
+        assert body == a[i]
+
+
+def test_a_pack_is_conditioned_on_the_clip_before_its_first():
+    items = synthetic(120)
+    packs = packed_windows(items, seed=0)
+    b = Batcher(items, 4, seed=0, packs=packs, pack_prob=1.0, prompt_prob=1.0, sot_prev=SOT_PREV)
+    seen = _trained(b)
+    for k, p in enumerate(packs):
+        i, first = len(items) + k, p.pack.members[0]
+        if i in seen and first > 0:
+            prev = items[first - 1].tokens[len(PROMPT) + 1:-1].tolist()
+            assert seen[i][:1 + len(prev)] == [SOT_PREV, *prev]
+
+
+def test_prompt_prob_needs_the_token_and_a_share():
+    items = synthetic(4)
+    with pytest.raises(ValueError, match="sot_prev"):
+        Batcher(items, 2, prompt_prob=0.5)
+    with pytest.raises(ValueError, match="prompt_prob"):
+        Batcher(items, 2, prompt_prob=1.5, sot_prev=SOT_PREV)
+
+
+def test_long_previous_text_is_cut_to_transcribes_limit():
+    items = synthetic(2)
+    long = items[0].with_prompt([])  # same clip, given a long text below
+    body = np.arange(10, 400, dtype=np.int32)
+    from dataclasses import replace
+    items[0] = replace(long, tokens=np.concatenate([long.tokens[:len(PROMPT) + 1], body, [EOT]]).astype(np.int32))
+    b = Batcher(items, 2, seed=0, shuffle=False, prompt_prob=1.0, sot_prev=SOT_PREV)
+    seen = _trained(b)
+    assert seen[1][0] == SOT_PREV and seen[1][1:224] == body[-223:].tolist()

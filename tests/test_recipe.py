@@ -80,3 +80,18 @@ def test_stages_run_as_separate_processes_share_one_result(corpus):
     assert "| removed |" in (corpus / "split" / "results.md").read_text()
     with pytest.raises(ValueError, match="unknown stage"):
         Recipe(train, dev, out, cfg, stages=("bogus",))
+
+
+def test_a_partial_train_block_keeps_the_stages_own_defaults(tmp_path):
+    """{"audio_context": {"train": {"max_steps": 150}}} changes the steps only: the stage's
+    learning rate and warm-up stay its own, not TrainConfig's generic ones."""
+    defaults = RecipeConfig()
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"audio_context": {"train": {"max_steps": 150}},
+                                "recover": {"train": {"seed": 3}}}))
+    cfg = load_config(str(path))
+    assert cfg.audio_context.train.max_steps == 150
+    assert cfg.audio_context.train.lr == defaults.audio_context.train.lr
+    assert cfg.audio_context.train.warmup_steps == defaults.audio_context.train.warmup_steps
+    assert cfg.recover.train.seed == 3 and cfg.recover.train.lr == defaults.recover.train.lr
+    assert cfg.recover.train.max_steps == defaults.recover.train.max_steps

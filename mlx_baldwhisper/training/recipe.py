@@ -82,22 +82,24 @@ class RecipeConfig:
         return _build(cls, d)
 
 
-def _build(cls, d: Any):
-    """Nested dicts (a JSON config file) into the nested config dataclasses."""
+def _build(cls, d: Any, defaults: Any = None):
+    """Nested dicts (a JSON config file) into the nested config dataclasses. A key left
+    out keeps its default, the enclosing section's own (a stage's ``train`` block keeps
+    that stage's learning rate and warm-up, not TrainConfig's)."""
     if not dataclasses.is_dataclass(cls) or not isinstance(d, dict):
         return d
     hints = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(hints)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} settings: {', '.join(sorted(unknown))}")
-    defaults, kwargs = cls(), {}
+    defaults, kwargs = defaults if defaults is not None else cls(), {}
     for name, value in d.items():
         default = getattr(defaults, name)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            kwargs[name] = _build(type(default), value)
+            kwargs[name] = _build(type(default), value, default)
         else:
             kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+    return dataclasses.replace(defaults, **kwargs)
 
 
 def load_config(path: Optional[str]) -> RecipeConfig:

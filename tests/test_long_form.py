@@ -87,6 +87,12 @@ def test_evaluate_command_long_form(tmp_path, monkeypatch):
                                     "--chunking", "vad", "--no-clips"])
     assert vad.exit_code == 0, vad.output
     assert seen["chunking"] == "vad" and "chunking vad" in vad.output
+    assert seen["condition_on_previous_text"] is True
+    plain = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "m"), "--data",
+                                      str(tmp_path / "dev.tsv"), "--language", "en", "--long-form", "2",
+                                      "--no-clips", "--no-condition-on-previous-text"])
+    assert plain.exit_code == 0, plain.output
+    assert seen["condition_on_previous_text"] is False and "not conditioned" in plain.output
     assert "utterances" not in vad.output  # --no-clips: the clips were not scored one by one
     lonely = CliRunner().invoke(main, ["evaluate", "--data", str(tmp_path / "dev.tsv"), "--no-clips"])
     assert lonely.exit_code != 0 and "--no-clips needs --long-form" in lonely.output

@@ -267,9 +267,13 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                        "timestamps, or cut at silences by the VAD (transcribe's chunking).")
     @click.option("--no-clips", is_flag=True,
                   help="With --long-form, score only the long recordings, not each clip.")
+    @click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True,
+                  show_default=True,
+                  help="With --long-form: prompt each window with the text before it, as "
+                       "transcribe() does by default.")
     @friendly
     def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
-                     long_form_gap, audio_context, chunking, no_clips):
+                     long_form_gap, audio_context, chunking, no_clips, condition_on_previous_text):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
         --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
@@ -287,10 +291,12 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         if long_form:
             lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
                                     batch_size=batch_size, limit=limit, audio_context=audio_context,
-                                    chunking=chunking)
+                                    chunking=chunking,
+                                    condition_on_previous_text=condition_on_previous_text)
             click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
                        f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
-                       f"audio, {lf['seconds']:.0f} s, chunking {chunking})")
+                       f"audio, {lf['seconds']:.0f} s, chunking {chunking}"
+                       f"{'' if condition_on_previous_text else ', not conditioned on previous text'})")
             if output:
                 save_hypotheses(lf, _long_form_path(output))
 

@@ -114,6 +114,14 @@ class TokenizedExample:
         return self.tokens[self.prompt_length:-1]
 
     @property
+    def segment_tokens(self) -> np.ndarray:
+        """This clip as ``transcribe()`` keeps a window's text to prompt the next one: its
+        timestamped segment when it has one, else its text."""
+        if self.timestamp_tokens is None:
+            return self.text_tokens
+        return self.timestamp_tokens[self.prompt_length - 1:-1]
+
+    @property
     def inputs(self) -> np.ndarray:
         return self.tokens[:-1]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -25,6 +27,13 @@ def test_prompt_is_input_only():
     assert clip.with_prompt([]) is clip
 
 
+def expected_prompt(items, first: int) -> list[int]:
+    """What transcribe() would prompt with after the clips before ``first``: each one's
+    timestamped segment <|0.00|> text <|end|>, in order, the last 223 tokens."""
+    body = [t for x in items[:first] for t in x.timestamp_tokens[len(PROMPT):-1].tolist()]
+    return [SOT_PREV, *body[-223:]]
+
+
 def _trained(b: Batcher) -> dict[int, list[int]]:
     out = {}
     for _ in range(len(b)):
@@ -42,9 +51,10 @@ def test_a_share_of_items_is_conditioned_on_the_previous_clips_text():
     prompted = [i for i, toks in seen.items() if toks[0] == SOT_PREV]
     assert 0.4 < len(prompted) / len(items) < 0.6 and 0 not in prompted
     for i in prompted:
-        prev = items[i - 1].tokens[len(PROMPT) + 1:-1].tolist()  # its text, after <|notimestamps|>
-        assert seen[i][:1 + len(prev)] == [SOT_PREV, *prev]
-        assert seen[i][1 + len(prev):1 + len(prev) + len(PROMPT)] == PROMPT
+        prompt = expected_prompt(items, i)
+        assert seen[i][:len(prompt)] == prompt
+        assert seen[i][len(prompt):len(prompt) + len(PROMPT)] == PROMPT
+        assert len(prompt) <= 224 and prompt[-1] == items[i - 1].timestamp_tokens[-2]
     again = _trained(Batcher(items, 8, seed=3, prompt_prob=0.5, sot_prev=SOT_PREV))
     assert again == seen  # the draws come from the seed and epoch alone
 
@@ -68,8 +78,8 @@ def test_a_pack_is_conditioned_on_the_clip_before_its_first():
     for k, p in enumerate(packs):
         i, first = len(items) + k, p.pack.members[0]
         if i in seen and first > 0:
-            prev = items[first - 1].tokens[len(PROMPT) + 1:-1].tolist()
-            assert seen[i][:1 + len(prev)] == [SOT_PREV, *prev]
+            prompt = expected_prompt(items, first)
+            assert seen[i][:len(prompt)] == prompt
 
 
 def test_prompt_prob_needs_the_token_and_a_share():
@@ -82,10 +92,9 @@ def test_prompt_prob_needs_the_token_and_a_share():
 
 def test_long_previous_text_is_cut_to_transcribes_limit():
     items = synthetic(2)
-    long = items[0].with_prompt([])  # same clip, given a long text below
     body = np.arange(10, 400, dtype=np.int32)
-    from dataclasses import replace
-    items[0] = replace(long, tokens=np.concatenate([long.tokens[:len(PROMPT) + 1], body, [EOT]]).astype(np.int32))
+    items[0] = replace(items[0], timestamp_tokens=np.array([*PROMPT, 1000, *body, 1100, EOT], np.int32))
     b = Batcher(items, 2, seed=0, shuffle=False, prompt_prob=1.0, sot_prev=SOT_PREV)
     seen = _trained(b)
-    assert seen[1][0] == SOT_PREV and seen[1][1:224] == body[-223:].tolist()
+    assert seen[1][0] == SOT_PREV and seen[1][1:224] == [*body[-222:].tolist(), 1100]
+    assert seen[1][224:224 + len(PROMPT)] == PROMPT

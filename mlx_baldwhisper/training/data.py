@@ -40,9 +40,10 @@ class Batcher:
     of 0 uses no randomness at all (the batches of a run without timestamps).
 
     A share ``prompt_prob`` of the items (drawn per item and epoch, as the timestamps)
-    is conditioned on the text of the clip before it in the manifest (``<|startofprev|>``
-    ``sot_prev`` and its last ``n_text_ctx // 2 - 1`` tokens at most; a pack on the clip
-    before its first), as ``transcribe()`` conditions each window on the previous text.
+    is conditioned on the text before it, as ``transcribe()`` conditions each window on the
+    windows before it: ``<|startofprev|>`` (``sot_prev``) and the timestamped segments of the
+    clips before it in the manifest, the last ``prompt_limit`` tokens at most (a pack: of
+    the clips before its first).
 
     ``packs``: packed windows of these items (``packing.packed_windows``, a fixed plan whose
     features are cached). Each epoch, each pack is drawn (from seed and epoch) with
@@ -181,11 +182,18 @@ class Batcher:
         return self._draw_cache[key]
 
     def _previous_text(self, i: int) -> list[int]:
-        """``<|startofprev|>`` and the text of the clip before item ``i`` (none for the first)."""
+        """``<|startofprev|>`` and the timestamped segments of the clips before item ``i``
+        (before a pack's first clip), as many as fit ``prompt_limit`` tokens: what
+        ``transcribe()`` prompts a window with after the windows before it. None for the
+        first clip, as for a recording's first window."""
         first = i if i < self.n_clips else self._members(i - self.n_clips)[0]
-        if first == 0:
+        text: list[int] = []
+        j = first - 1
+        while j >= 0 and len(text) < self.prompt_limit:
+            text = [int(t) for t in self.items[j].segment_tokens] + text
+            j -= 1
+        if j == first - 1:
             return []
-        text = [int(t) for t in self.items[first - 1].text_tokens]
         return [int(self.sot_prev), *text[len(text) - min(len(text), self.prompt_limit):]]
 
     def state_dict(self) -> dict[str, Any]:

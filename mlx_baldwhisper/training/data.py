@@ -187,13 +187,13 @@ class Batcher:
         ``transcribe()`` prompts a window with after the windows before it. None for the
         first clip, as for a recording's first window."""
         first = i if i < self.n_clips else self._members(i - self.n_clips)[0]
+        if first == 0:
+            return []
         text: list[int] = []
         j = first - 1
         while j >= 0 and len(text) < self.prompt_limit:
             text = [int(t) for t in self.items[j].segment_tokens] + text
             j -= 1
-        if j == first - 1:
-            return []
         return [int(self.sot_prev), *text[len(text) - min(len(text), self.prompt_limit):]]
 
     def state_dict(self) -> dict[str, Any]:

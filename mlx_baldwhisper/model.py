@@ -160,6 +160,11 @@ class AudioEncoder(nn.Module):
         return self.ln_post(x)
 
 
+def gather_rows(x: mx.array, rows: Optional[mx.array]) -> mx.array:
+    """``x`` (batch, time, d) at flat ``rows`` of batch × time, as (1, len(rows), d)."""
+    return x if rows is None else x.reshape(-1, x.shape[-1])[rows][None]
+
+
 class TextDecoder(nn.Module):
     def __init__(self, dims: ModelDimensions):
         super().__init__()
@@ -209,10 +214,17 @@ class TextDecoder(nn.Module):
         x = self.ln(x)
         return (x if return_hidden else self.token_embedding.as_linear(x)), new_cross, weights
 
-    def layer_states(self, tokens: mx.array, xa: mx.array,
-                     audio_padding: Optional[mx.array] = None) -> tuple[list[mx.array], mx.array]:
-        """Teacher-forced: every block's output and the logits, for distilling the
-        decoder's internal states (the audio-context stage)."""
+    def project(self, hidden: mx.array, rows: Optional[mx.array] = None) -> mx.array:
+        """Logits of final hidden states (batch, time, state). With ``rows`` (flat indices
+        into batch × time) only those rows, as (1, len(rows), vocab): training scores the
+        target tokens and skips the vocabulary projection over prompts and padding, which
+        is most of a prompted batch's positions."""
+        return self.token_embedding.as_linear(gather_rows(hidden, rows))
+
+    def layer_states(self, tokens: mx.array, xa: mx.array, audio_padding: Optional[mx.array] = None,
+                     rows: Optional[mx.array] = None) -> tuple[list[mx.array], mx.array]:
+        """Teacher-forced: every block's output and the logits (of ``rows`` only, as in
+        :meth:`project`), for distilling the decoder's internal states."""
         t = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.positional_embedding[:t]
         mask = causal_mask(t, 0, x.dtype) if t > 1 else None
@@ -220,7 +232,7 @@ class TextDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, xa, mask=mask, audio_padding=audio_padding)[0]
             states.append(x)
-        return states, self.token_embedding.as_linear(self.ln(x))
+        return states, self.project(self.ln(x), rows)
 
 
 class Whisper(nn.Module):

@@ -223,7 +223,7 @@ def test_stage_loss_falls_and_the_model_keeps_its_policy(corpus, tmp_path, train
     rows = [json.loads(line) for line in
             (tmp_path / "short.run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["kind"] == "train"]
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.5 * np.mean(losses[:3])  # batches differ: the first three's mean
     saved = json.loads((tmp_path / "short" / "config.json").read_text())
     assert saved["audio_context"] == {"mode": "dynamic", "margin": 16, "block": 16}
     assert saved["training"][-1]["stage"] == "audio-context"

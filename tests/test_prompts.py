@@ -7,7 +7,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import mlx.core as mx
+
+from mlx_baldwhisper.training.common import ce_loss, scored
 from mlx_baldwhisper.training.data import Batcher
+from mlx_baldwhisper.training.losses import cross_entropy
 from mlx_baldwhisper.training.packing import packed_windows
 from test_packing import EOT, PROMPT, synthetic
 
@@ -59,7 +63,7 @@ def test_a_share_of_items_is_conditioned_on_the_previous_clips_text():
     assert again == seen  # the draws come from the seed and epoch alone
 
 
-def test_prompts_leave_the_timestamp_draws_and_the_plan_alone():
+def test_prompts_leave_the_timestamp_draws_alone():
     items = synthetic(200)
     plain = Batcher(items, 8, seed=1, timestamp_prob=0.5)
     both = Batcher(items, 8, seed=1, timestamp_prob=0.5, prompt_prob=0.5, sot_prev=SOT_PREV)
@@ -98,3 +102,33 @@ def test_long_previous_text_is_cut_to_transcribes_limit():
     seen = _trained(b)
     assert seen[1][0] == SOT_PREV and seen[1][1:224] == [*body[-222:].tolist(), 1100]
     assert seen[1][224:224 + len(PROMPT)] == PROMPT
+
+
+def test_prompted_items_are_batched_together():
+    """Buckets sort by the length as trained, so an unprompted clip is not padded to a
+    prompted batch-mate's 224 tokens."""
+    items = synthetic(240)
+    b = Batcher(items, 8, seed=0, shuffle=False, prompt_prob=0.5, sot_prev=SOT_PREV)
+    lengths = []
+    for _ in range(len(b)):
+        batch = b.next_batch()
+        lengths.append([int(np.flatnonzero(m)[-1]) + 1 for m in batch["mask"]])
+    assert all(max(x) <= min(y) for x, y in zip(lengths, lengths[1:]))
+    mixed = [x for x in lengths if (x[0] > 60) != (x[-1] > 60)]
+    assert len(mixed) <= 1  # one batch at most holds both kinds
+
+
+def test_loss_over_the_target_rows_equals_the_loss_over_all_positions():
+    from conftest import tiny_model
+
+    model, items = tiny_model(), synthetic(40)
+    b = Batcher(items, 8, seed=0, prompt_prob=0.5, sot_prev=SOT_PREV, include_mel=False)
+    batch = b.next_batch()
+    n, mels = batch["inputs"].shape[0], model.dims.n_mels
+    batch["mel"] = np.random.default_rng(0).standard_normal((n, 3000, mels)).astype(np.float32) * 0.1
+    at = scored(batch)
+    assert at.targets.shape == (1, int(batch["mask"].sum()))
+    fast = ce_loss(model, batch)[0]
+    logits = model.decoder(mx.array(batch["inputs"]), model.embed_audio(mx.array(batch["mel"])))[0]
+    full = cross_entropy(logits, mx.array(batch["targets"]), mx.array(batch["mask"]))
+    assert abs(fast.item() - full.item()) < 1e-4

@@ -28,7 +28,7 @@ from ..features import FeatureCache, pad_stack, speech_frames
 from ..folders import run_folder
 from ..model import Whisper, padding_mask
 from .common import (StageData, audio_padding, cache_features_shared, dev_evaluator, model_saver,
-                     stage_settings, training_packs)
+                     stage_settings, training_packs, scored)
 from .data import PACK_PROB, PROMPT_PROB, Batcher
 from .packing import PackedWindow
 from .losses import distillation_loss, hidden_state_mse
@@ -114,10 +114,10 @@ def frozen_copy(model: Whisper) -> Whisper:
 def context_loss_fn(teacher: Whisper, cfg: AudioContextConfig):
     """The teacher sees the full-context features, the student its short context."""
     def loss_fn(student: Whisper, batch: dict):
-        inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
+        inputs, mask, at = mx.array(batch["inputs"]), mx.array(batch["mask"]), scored(batch)
         with backends.inference():
             t_states, t_logits = teacher.decoder.layer_states(
-                inputs, mx.array(batch["features"]).astype(teacher.dtype), audio_padding(batch))
+                inputs, mx.array(batch["features"]).astype(teacher.dtype), audio_padding(batch), at.rows)
         t_states = [mx.stop_gradient(s) for s in t_states]
         lengths = mx.array(batch["student_lengths"])
         if "student_mel" in batch:
@@ -126,9 +126,9 @@ def context_loss_fn(teacher: Whisper, cfg: AudioContextConfig):
         else:
             feats = mx.array(batch["student_features"]).astype(student.dtype)
         pad = padding_mask(lengths, feats.shape[1])
-        states, logits = student.decoder.layer_states(inputs, feats, pad)
-        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), mx.array(batch["targets"]),
-                                        mask, cfg.temperature, cfg.ce_weight, cfg.kl_weight)
+        states, logits = student.decoder.layer_states(inputs, feats, pad, at.rows)
+        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), at.targets,
+                                        at.mask, cfg.temperature, cfg.ce_weight, cfg.kl_weight)
         if cfg.hidden_weight:
             hidden = hidden_state_mse(states, t_states, mask)
             loss = loss + cfg.hidden_weight * hidden

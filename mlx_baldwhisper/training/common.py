@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .. import backends
 from ..diskspace import replace_file, size_text
@@ -160,19 +161,47 @@ def audio_padding(batch: dict) -> Optional[mx.array]:
     return None if lengths is None else decoding_padding(lengths, batch["features"].shape[1])
 
 
+@dataclass(frozen=True)
+class Scored:
+    """The target positions a loss scores: ``rows`` (flat indices into batch × time, or
+    None for every position), and the targets and mask there, shaped as the logits
+    ``TextDecoder.project`` gives for those rows."""
+    rows: Optional[mx.array]
+    targets: mx.array
+    mask: mx.array
+
+
+def scored(batch: dict) -> Scored:
+    """Only the positions under the mask: a prompted item has ~30 targets after up to 224
+    prompt tokens, and its batch-mates are padded to that length, so projecting every
+    position onto the vocabulary would be most of the step. Inside ``mx.compile`` the
+    mask cannot be read, so every position is scored (same loss, more work)."""
+    mask = batch["mask"]
+    if not isinstance(mask, np.ndarray):
+        return Scored(None, mx.array(batch["targets"]), mx.array(mask))
+    rows = np.flatnonzero(mask.reshape(-1))
+    return Scored(mx.array(rows.astype(np.int32)),
+                  mx.array(np.asarray(batch["targets"]).reshape(-1)[rows][None]),
+                  mx.array(mask.reshape(-1)[rows][None]))
+
+
 def teacher_logits(teacher: Whisper, inputs: mx.array, features: mx.array,
-                   padding: Optional[mx.array] = None) -> mx.array:
-    """The frozen teacher's logits. Never differentiated, so the numpy inference kernels
-    (``backends``) may serve its attention and GELU on Linux CPU."""
+                   padding: Optional[mx.array] = None, rows: Optional[mx.array] = None) -> mx.array:
+    """The frozen teacher's logits (at ``rows``, see ``TextDecoder.project``). Never
+    differentiated, so the numpy inference kernels (``backends``) may serve its attention
+    and GELU on Linux CPU."""
     with backends.inference():
-        logits = teacher.decoder(inputs, features.astype(teacher.dtype), audio_padding=padding)[0]
+        hidden = teacher.decoder(inputs, features.astype(teacher.dtype), audio_padding=padding,
+                                 return_hidden=True)[0]
+        logits = teacher.decoder.project(hidden, rows)
     return mx.stop_gradient(logits)
 
 
 def ce_loss(model: Whisper, batch: dict) -> tuple[mx.array, dict[str, mx.array]]:
-    logits = model.decoder(mx.array(batch["inputs"]), decoder_input(model, batch),
-                           audio_padding=audio_padding(batch))[0]
-    ce = cross_entropy(logits, mx.array(batch["targets"]), mx.array(batch["mask"]))
+    at = scored(batch)
+    hidden = model.decoder(mx.array(batch["inputs"]), decoder_input(model, batch),
+                           audio_padding=audio_padding(batch), return_hidden=True)[0]
+    ce = cross_entropy(model.decoder.project(hidden, at.rows), at.targets, at.mask)
     return ce, {"ce": ce}
 
 

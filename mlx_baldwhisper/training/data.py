@@ -29,8 +29,8 @@ class Batcher:
     """Length-bucketed, seed-controlled batches whose position can be saved and resumed.
 
     Each epoch: shuffle the items, cut them into buckets of ``bucket_size``, sort each
-    bucket by token length (so batches carry little padding), cut into batches and
-    shuffle the batch order. The epoch's plan depends only on the RNG state at its start,
+    bucket by token length as trained, prompt included (so batches carry little padding),
+    cut into batches and shuffle the batch order. The epoch's plan depends only on the RNG state at its start,
     which ``state_dict`` records, so a resumed run sees exactly the same batches.
 
     A share ``timestamp_prob`` of the clips is trained on its timestamped targets
@@ -91,7 +91,7 @@ class Batcher:
             order = pool[rng.permutation(len(pool))] if self.shuffle else pool
             batches: list[np.ndarray] = []
             for b in range(0, len(order), self.bucket_size):
-                bucket = sorted(order[b:b + self.bucket_size], key=lambda i: len(self.items[i].tokens))
+                bucket = sorted(order[b:b + self.bucket_size], key=self._trained_length)
                 batches += [np.array(bucket[k:k + self.batch_size])
                             for k in range(0, len(bucket), self.batch_size)]
             if self.drop_last:
@@ -100,6 +100,15 @@ class Batcher:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
             self._plan, self._next_state = batches, rng.bit_generator.state
         return self._plan
+
+    def _trained_length(self, i: int) -> int:
+        """Item ``i``'s length as trained this epoch. Sorting on it puts the prompted
+        items (up to 224 tokens longer) in batches of their own, instead of padding
+        their unprompted batch-mates to their length."""
+        n = len(self.items[i].tokens)
+        if self.prompt_prob and self._draws(PROMPT_STREAM, self.prompt_prob)[i]:
+            n += len(self._previous_text(i))
+        return n
 
     def _epoch_pool(self) -> np.ndarray:
         """This epoch's items: the packs drawn to train as windows, and every clip that is

@@ -27,7 +27,7 @@ from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
-                     teacher_logits)
+                     teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss, hidden_state_mse
 from .stage import ModelInput, Stage, StageInputs
@@ -76,17 +76,18 @@ def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weig
     def loss_fn(student, batch):
         feats = decoder_input(student, batch)
         inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
-        pad = audio_padding(batch)
+        pad, at = audio_padding(batch), scored(batch)
         if not hidden_weight:
-            logits = student.decoder(inputs, feats, audio_padding=pad)[0]
-            return distillation_loss(logits, teacher_logits(teacher, inputs, feats, pad),
-                                     mx.array(batch["targets"]), mask, temperature(), ce_weight,
-                                     kl_weight)
+            hidden = student.decoder(inputs, feats, audio_padding=pad, return_hidden=True)[0]
+            return distillation_loss(student.decoder.project(hidden, at.rows),
+                                     teacher_logits(teacher, inputs, feats, pad, at.rows),
+                                     at.targets, at.mask, temperature(), ce_weight, kl_weight)
         with backends.inference():
-            t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad)
-        states, logits = student.decoder.layer_states(inputs, feats, pad)
-        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), mx.array(batch["targets"]),
-                                        mask, temperature(), ce_weight, kl_weight)
+            t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad,
+                                                              at.rows)
+        states, logits = student.decoder.layer_states(inputs, feats, pad, at.rows)
+        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), at.targets, at.mask,
+                                        temperature(), ce_weight, kl_weight)
         chosen = [mx.stop_gradient(t_states[i]) for i in (layers or range(len(states)))]
         hidden = hidden_state_mse(states, chosen, mask)
         return loss + hidden_weight * hidden, {**parts, "hidden": hidden}

@@ -24,10 +24,10 @@ import numpy as np
 
 from ..decoding import tokenizer_for
 from ..folders import run_folder
-from ..model import Whisper
+from ..model import Whisper, gather_rows
 from ..surgery import Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
-                     teacher_logits)
+                     teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
 from .stage import ModelInput, Stage
@@ -109,22 +109,23 @@ def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: Shea
 
     def loss_fn(student: Whisper, batch: dict):
         feats = decoder_input(student, batch)
-        inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
+        inputs = mx.array(batch["inputs"])
         emb = student.decoder.token_embedding
-        pad = audio_padding(batch)
-        hidden = student.decoder(inputs, feats, return_hidden=True, audio_padding=pad)[0]
+        pad, at = audio_padding(batch), scored(batch)
+        hidden = gather_rows(student.decoder(inputs, feats, return_hidden=True, audio_padding=pad)[0],
+                             at.rows)
         logits = emb.as_linear(hidden)
         t = temperature()
-        ce_rows, kl_rows = token_losses(logits, mx.array(batch["targets"]),
-                                        teacher_logits(teacher, inputs, feats, pad)
+        ce_rows, kl_rows = token_losses(logits, at.targets,
+                                        teacher_logits(teacher, inputs, feats, pad, at.rows)
                                         if cfg.kl_weight else None, t)
-        ce = masked_mean(ce_rows, mask)
+        ce = masked_mean(ce_rows, at.mask)
         feat_in = feature_distance(emb(inputs), E_t[inputs])
         feat_out = feature_distance(logits, hidden @ E_t.T)
         loss = cfg.ce_weight * ce + cfg.input_feature_weight * feat_in + cfg.output_feature_weight * feat_out
         logs = {"ce": ce, "feat_in": feat_in, "feat_out": feat_out}
         if kl_rows is not None:
-            kl = kl_term(kl_rows, mask, t)
+            kl = kl_term(kl_rows, at.mask, t)
             loss = loss + cfg.kl_weight * kl
             logs.update(kl=kl, temperature=mx.stop_gradient(t))
         return loss, logs

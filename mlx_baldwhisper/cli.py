@@ -270,6 +270,9 @@ PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps
               "timestamps it predicts) or vad (at silences found by an energy VAD; the chunks "
               "are decoded in batches without timestamps, one segment each: for models "
               "that lost their timestamps).")
+@click.option("--vad-max-chunk", default=None, type=click.FloatRange(min=1), metavar="SECONDS",
+              help="With --chunking vad: the longest chunk in seconds (default 30). A model "
+              "fine-tuned on short clips may do better on chunks nearer their length.")
 @click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
               help="Precision of the weights and activations (default float32).")
 @click.option("--batch-size", default=4, type=click.IntRange(min=1), show_default=True,
@@ -301,6 +304,10 @@ def transcribe(audio: tuple[str, ...], model: Optional[str], output_dir: str, ou
     if options["chunking"] == "vad" and (options["word_timestamps"] or options["clip_timestamps"] != "0"):
         raise click.UsageError("--chunking vad decodes without timestamps: it cannot take "
                                "--word_timestamps or --clip_timestamps")
+    if options["vad_max_chunk"] is not None and options["chunking"] != "vad":
+        raise click.UsageError("--vad-max-chunk needs --chunking vad")
+    max_chunk = options.pop("vad_max_chunk")
+    options["vad_parameters"] = None if max_chunk is None else {"max_chunk_seconds": max_chunk}
     precision = _dtype(fp16, dtype)
     temps = _temperatures(temperature, temperature_increment_on_fallback)
     Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_R
 from .decoding import (DecodingOptions, DecodingResult, decode_with_fallback, detect_language,
                        tokenizer_for)
 from .chunked import check_chunking, transcribe_vad
+from .vad import VadOptions, vad_options
 from .load import load_model
 from .model import Whisper
 from .tokenizer import LANGUAGES, language_code
@@ -127,6 +128,7 @@ def transcribe(
     clip_timestamps: Union[str, Sequence[float]] = "0",
     hallucination_silence_threshold: Optional[float] = None,
     chunking: str = "sequential",
+    vad_parameters: Union[VadOptions, dict[str, Any], None] = None,
     dtype: str = "float32",
     batch_size: int = 8,
     audio_context: Spec = None,
@@ -141,7 +143,9 @@ def transcribe(
     the audio transcribed; ``hallucination_silence_threshold`` (seconds; needs
     ``word_timestamps``) skips silences around segments that look hallucinated.
     ``chunking="vad"`` cuts each input at silences instead and decodes the chunks in
-    batches without timestamps, one segment per chunk (chunked.py, vad.py).
+    batches without timestamps, one segment per chunk (chunked.py, vad.py);
+    ``vad_parameters`` (a ``VadOptions`` or a dict of its fields, as faster-whisper's
+    option of that name) sets its thresholds, e.g. ``{"max_chunk_seconds": 15}``.
     ``audio_context`` ("full", "dynamic", "dynamic:MARGIN" or a number of encoder
     positions) overrides the model's own policy (audio_context.py; default: its
     config.json's, else full 30-s windows).
@@ -172,7 +176,8 @@ def transcribe(
     if chunking == "vad":  # the VAD path lives in chunked.py
         done = transcribe_vad(model, items, tokenizer, options, language, temperatures,
                               compression_ratio_threshold, logprob_threshold, no_speech_threshold,
-                              initial, batch_size, verbose, on_audio_error, context=context)
+                              initial, batch_size, verbose, on_audio_error,
+                              vad=vad_options(vad_parameters), context=context)
         return done[0] if single else done
 
     if verbose and language is None and model.is_multilingual:

@@ -59,6 +59,22 @@ class VadOptions:
             raise ValueError("min_silence_seconds, min_speech_seconds and pad_seconds cannot be negative")
 
 
+def vad_options(parameters: "VadOptions | dict | None") -> VadOptions:
+    """``transcribe()``'s ``vad_parameters``: the defaults, a ``VadOptions``, or a dict of
+    its fields (a clear error names an unknown one)."""
+    if parameters is None:
+        return VadOptions()
+    if isinstance(parameters, VadOptions):
+        return parameters
+    if not isinstance(parameters, dict):
+        raise TypeError(f"vad_parameters must be a dict or VadOptions, not {type(parameters).__name__}")
+    known = set(VadOptions.__dataclass_fields__)
+    unknown = sorted(set(parameters) - known)
+    if unknown:
+        raise ValueError(f"unknown vad_parameters {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return VadOptions(**{k: float(v) for k, v in parameters.items()})
+
+
 Span = tuple[int, int]  # [start, end) in samples
 
 

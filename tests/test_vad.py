@@ -87,6 +87,10 @@ def test_transcribe_vad_segments_come_from_the_cuts(model, tmp_path):
     assert [[s[k] for k in keys] for s in both[0]["segments"]] == \
         [[s[k] for k in keys] for s in result["segments"]]
     assert both[1] == {"text": "", "segments": [], "language": "en"}
+    short = transcribe(audio, chunking="vad", vad_parameters={"max_chunk_seconds": 10}, **quick)
+    short_cuts = seconds(chunks(audio, VadOptions(max_chunk_seconds=10)))
+    assert len(short_cuts) > len(cuts) and all(b - a <= 10 for a, b in short_cuts)
+    assert {(s["start"], s["end"]) for s in short["segments"]} <= set(short_cuts)
     default = transcribe(audio, **quick)  # sequential stays the default
     assert default == transcribe(audio, chunking="sequential", **quick)
 
@@ -100,6 +104,9 @@ def test_bad_chunking_is_a_clear_error(model):
         transcribe(silence(1), path_or_hf_repo=model, chunking="vad", word_timestamps=True)
     with pytest.raises(ValueError, match="clip_timestamps"):
         transcribe(silence(1), path_or_hf_repo=model, chunking="vad", clip_timestamps="1,2")
+    with pytest.raises(ValueError, match="unknown vad_parameters max_speech_duration_s"):
+        transcribe(silence(1), path_or_hf_repo=model, chunking="vad",
+                   vad_parameters={"max_speech_duration_s": 10})
 
 
 def test_transcribe_command_chunking(model, tmp_path):
@@ -115,5 +122,10 @@ def test_transcribe_command_chunking(model, tmp_path):
     assert (tmp_path / "out" / "a.json").exists()
     bad = CliRunner().invoke(main, [*base, "--chunking", "energy"])
     assert bad.exit_code == 2 and "'energy' is not one of 'sequential', 'vad'" in bad.output
+    short = CliRunner().invoke(main, [*base, "--chunking", "vad", "--vad-max-chunk", "2",
+                                      "--no_speech_threshold", "None"])
+    assert short.exit_code == 0, short.output
+    alone = CliRunner().invoke(main, [*base, "--vad-max-chunk", "2"])
+    assert alone.exit_code == 2 and "--vad-max-chunk needs --chunking vad" in alone.output
     clash = CliRunner().invoke(main, [*base, "--chunking", "vad", "--word_timestamps", "True"])
     assert clash.exit_code == 2 and "--chunking vad" in clash.output

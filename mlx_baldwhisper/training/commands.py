@@ -207,6 +207,10 @@ def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
     main.command(stage.command)(command)
 
 
+def _vad(max_chunk: Optional[float]) -> Optional[dict[str, float]]:
+    return None if max_chunk is None else {"max_chunk_seconds": max_chunk}
+
+
 def _long_form_path(output: str) -> str:
     """hyps.tsv -> hyps.long.tsv; hyps -> hyps.long (both formats)."""
     p = Path(output)
@@ -265,6 +269,8 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                   type=click.Choice(["sequential", "vad"]),
                   help="How --long-form recordings are transcribed: sequential 30-s seeking on "
                        "timestamps, or cut at silences by the VAD (transcribe's chunking).")
+    @click.option("--vad-max-chunk", default=None, type=click.FloatRange(min=1),
+                  metavar="SECONDS", help="With --chunking vad: the longest chunk (default 30).")
     @click.option("--no-clips", is_flag=True,
                   help="With --long-form, score only the long recordings, not each clip.")
     @click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True,
@@ -273,7 +279,8 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                        "transcribe() does by default.")
     @friendly
     def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
-                     long_form_gap, audio_context, chunking, no_clips, condition_on_previous_text):
+                     long_form_gap, audio_context, chunking, vad_max_chunk, no_clips,
+                     condition_on_previous_text):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
         --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
@@ -281,6 +288,8 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         from ..load import load_model
         from ..dataset import read_manifest
 
+        if vad_max_chunk is not None and chunking != "vad":
+            raise click.UsageError("--vad-max-chunk needs --chunking vad")
         if no_clips and not long_form:
             raise click.UsageError("--no-clips needs --long-form: there would be nothing to score")
         options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=sample_len)
@@ -291,11 +300,12 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         if long_form:
             lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
                                     batch_size=batch_size, limit=limit, audio_context=audio_context,
-                                    chunking=chunking,
+                                    chunking=chunking, vad_parameters=_vad(vad_max_chunk),
                                     condition_on_previous_text=condition_on_previous_text)
             click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
                        f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
                        f"audio, {lf['seconds']:.0f} s, chunking {chunking}"
+                       f"{'' if vad_max_chunk is None else f' at most {vad_max_chunk:g} s'}"
                        f"{'' if condition_on_previous_text else ', not conditioned on previous text'})")
             if output:
                 save_hypotheses(lf, _long_form_path(output))

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from faults import CONFIG, differences, kill_trials, stage_command  # noqa: E402
 
-STEPS = 40
+STEPS = 80
 TRAINING_KILLS, MODEL_KILLS = 20, 4
 WINDOW = (0.2, 4.5)  # seconds after the start: the tiny stage trains from about 2.5 s
 

@@ -264,6 +264,10 @@ PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps
               "speech plus a margin; dynamic:MARGIN sets it) or a number. Default: the "
               "model's config.json, else full. Only a model trained for it (the "
               "audio-context stage) keeps its accuracy when shorter.")
+@click.option("--resume-early-end/--no-resume-early-end", default=None,
+              help="When a window's text ends 1 s or more before the window and the energy VAD "
+              "hears speech after it, go on from where the text ended (openai-whisper skips "
+              "the rest of the window). Default: the model's config.json, else off.")
 @click.option("--chunking", default="sequential", show_default=True,
               type=click.Choice(["sequential", "vad"]),
               help="How a long file is cut into 30-s windows: sequential (Whisper's, by the "

@@ -22,7 +22,7 @@ from .audio import (FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_R
 from .decoding import (DecodingOptions, DecodingResult, decode_with_fallback, detect_language,
                        tokenizer_for)
 from .chunked import check_chunking, transcribe_vad
-from .vad import VadOptions, vad_options
+from .vad import VadOptions, speech_frames, vad_options
 from .load import load_model
 from .model import Whisper
 from .tokenizer import LANGUAGES, language_code
@@ -35,6 +35,11 @@ TIME_PRECISION = INPUT_STRIDE * HOP_LENGTH / SAMPLE_RATE  # 0.02 s per timestamp
 # or as odd as it has words, is a likely hallucination.
 ODD_SEGMENT_SCORE = 3.0
 EDGE_SECONDS = 2.0  # a segment this close to the end of the decoded audio may be cut off
+# resume_early_end: a window whose text stops at least EARLY_END_SECONDS before the window
+# does, with at least EARLY_END_SPEECH_SECONDS of speech (energy VAD) after the text's last
+# timestamp, is decoded again from that timestamp instead of being left behind.
+EARLY_END_SECONDS = 1.0
+EARLY_END_SPEECH_SECONDS = 0.5
 
 _MODELS: dict[tuple[str, str], Whisper] = {}
 
@@ -63,6 +68,8 @@ class _Stream:
     seek: int = 0
     prompt_since: int = 0
     last_speech: float = 0.0
+    # With resume_early_end: per 0.02-s step of the audio, whether the energy VAD hears speech.
+    speech: Optional[np.ndarray] = None
 
     @property
     def done(self) -> bool:
@@ -132,6 +139,7 @@ def transcribe(
     dtype: str = "float32",
     batch_size: int = 8,
     audio_context: Spec = None,
+    resume_early_end: Optional[bool] = None,
     on_audio_error: Optional[Callable[[AudioInput, AudioError], None]] = None,
     **decode_options: Any,
 ) -> Union[Optional[dict[str, Any]], list[Optional[dict[str, Any]]]]:
@@ -149,6 +157,12 @@ def transcribe(
     ``audio_context`` ("full", "dynamic", "dynamic:MARGIN" or a number of encoder
     positions) overrides the model's own policy (audio_context.py; default: its
     config.json's, else full 30-s windows).
+    ``resume_early_end``: when a window's text ends (at a timestamp) at least 1 s before the
+    window and the energy VAD hears speech after it, the next window starts at that
+    timestamp; openai-whisper moves on after the window and loses that speech. A prompted
+    window with no text at all over speech is decoded again without the prompt. Compressed
+    fine-tuned models stop early in both ways on long recordings. Default: the model's
+    config.json (``"long_form": {"resume_early_end": true}``), else off, as openai-whisper.
     An input that cannot be loaded raises AudioError, or, given ``on_audio_error``, is
     passed to it with the error and gets None as its result while the others go on.
     """
@@ -170,6 +184,8 @@ def transcribe(
     tokenizer = tokenizer_for(model, language or "en", task)
     initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
     points = parse_clip_timestamps(clip_timestamps)
+    if resume_early_end is None:
+        resume_early_end = bool(model.extra_config.get("long_form", {}).get("resume_early_end", False))
     if hallucination_silence_threshold is not None and not word_timestamps:
         warnings.warn("hallucination_silence_threshold needs word_timestamps=True; ignored")
         hallucination_silence_threshold = None
@@ -192,7 +208,7 @@ def transcribe(
     bar = tqdm(total=0, unit="frames", disable=verbose is not False)
     while True:
         while len(batch) < batch_size and (nxt := next(todo, None)) is not None:
-            s = _stream(*nxt, model, language, points, initial, on_audio_error)
+            s = _stream(*nxt, model, language, points, initial, on_audio_error, resume_early_end)
             if s is not None and s.done:  # nothing to transcribe (clips past its end)
                 results[nxt[0]] = _result(s, tokenizer)
             elif s is not None:
@@ -216,7 +232,8 @@ def transcribe(
 
 
 def _stream(i: int, item: AudioInput, model: Whisper, language: Optional[str], points: list[float],
-            prompt: list[int], on_audio_error: Optional[Callable]) -> Optional[_Stream]:
+            prompt: list[int], on_audio_error: Optional[Callable],
+            resume_early_end: bool = False) -> Optional[_Stream]:
     """Load one input; None if it cannot be and ``on_audio_error`` takes the error."""
     try:
         samples = load_audio(item)
@@ -228,7 +245,8 @@ def _stream(i: int, item: AudioInput, model: Whisper, language: Optional[str], p
     mel = log_mel_spectrogram(samples, model.dims.n_mels, padding=N_SAMPLES)
     content = max(0, mel.shape[0] - N_FRAMES)
     name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"audio {i}"
-    s = _Stream(name, mel, content, language, _clips(points, content), tokens=list(prompt))
+    s = _Stream(name, mel, content, language, _clips(points, content), tokens=list(prompt),
+                speech=speech_frames(samples) if resume_early_end else None)
     s.next_clip()
     return s
 
@@ -267,9 +285,21 @@ def _window(model, tokenizer, streams, options, temperatures, cr_threshold, lp_t
                            f"Detected language: {LANGUAGES[lang].title()}")
     for s in streams:
         s.language = s.language or "en"
-    results = decode_with_fallback(model, features, [s.language for s in streams],
-                                   [s.tokens[s.prompt_since:] for s in streams], options,
+    prompts = [s.tokens[s.prompt_since:] for s in streams]
+    results = decode_with_fallback(model, features, [s.language for s in streams], prompts, options,
                                    temperatures, cr_threshold, lp_threshold, ns_threshold, lengths)
+    # resume_early_end: a prompted window that ends at its start although speech follows is
+    # decoded again without the prompt (the text before it made the model stop at once).
+    again = [i for i, (s, size, r) in enumerate(zip(streams, sizes, results))
+             if prompts[i] and s.speech is not None and _speech_after(s, 0, size)
+             and not any(t < tokenizer.eot for t in r.tokens)]
+    if again:
+        retried = decode_with_fallback(model, features[mx.array(again)], [streams[i].language for i in again],
+                                       [[] for _ in again], options, temperatures, cr_threshold,
+                                       lp_threshold, ns_threshold,
+                                       None if lengths is None else [lengths[i] for i in again])
+        for i, r in zip(again, retried):
+            results[i] = r
     for i, (s, size, result) in enumerate(zip(streams, sizes, results)):
         start = s.seek
         if ns_threshold is not None and result.no_speech_prob > ns_threshold and not (
@@ -380,7 +410,7 @@ def _segments(s: _Stream, size: int, result: DecodingResult, tokenizer) -> list[
             add(offset + (part[0] - tb) * TIME_PRECISION, offset + (part[-1] - tb) * TIME_PRECISION, part)
             last = cut
         if single_ending:
-            s.seek += size
+            s.seek += _early_end(s, size, tokens[-1] - tb)
         else:
             s.seek += (tokens[last - 1] - tb) * INPUT_STRIDE
     else:
@@ -389,5 +419,22 @@ def _segments(s: _Stream, size: int, result: DecodingResult, tokenizer) -> list[
         if stamps and stamps[-1] != tb:
             duration = (stamps[-1] - tb) * TIME_PRECISION
         add(offset, offset + duration, tokens)
-        s.seek += size
+        s.seek += _early_end(s, size, stamps[-1] - tb) if stamps else size
     return segs
+
+
+def _early_end(s: _Stream, size: int, last_step: int) -> int:
+    """How far to advance after a window whose text ends at timestamp step ``last_step``:
+    the whole window (openai-whisper), or, with ``resume_early_end``, only to that step
+    when enough speech follows it in the window (see EARLY_END_SECONDS)."""
+    end = last_step * INPUT_STRIDE
+    if s.speech is None or end <= 0 or size - end < EARLY_END_SECONDS * FRAMES_PER_SECOND:
+        return size
+    return end if _speech_after(s, end, size) else size
+
+
+def _speech_after(s: _Stream, start: int, end: int) -> bool:
+    """Whether the VAD hears EARLY_END_SPEECH_SECONDS of speech between frames ``start`` and
+    ``end`` of the current window."""
+    a, b = (s.seek + start) // INPUT_STRIDE, (s.seek + end) // INPUT_STRIDE
+    return int(np.count_nonzero(s.speech[a:b])) * TIME_PRECISION >= EARLY_END_SPEECH_SECONDS

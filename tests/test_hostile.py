@@ -55,6 +55,8 @@ def edit_json(path: Path, **changes) -> None:
     ({"alignment_heads": [[7, 0]]}, "alignment_heads must be .layer, head. pairs within the model's 4 layers"),
     ({"alignment_heads": "abc"}, "alignment_heads must be"),
     ({"quantization": {"bits": 7, "group_size": 64}}, "quantization must give bits in"),
+    ({"long_form": {"resume_early_end": "yes"}}, "long_form must map settings to true/false"),
+    ({"long_form": [1]}, "long_form must map settings to true/false"),
 ])
 def test_config_values_that_cannot_be(folder, change, message):
     edit_json(folder / "config.json", **change)

@@ -110,3 +110,46 @@ def test_results_table_has_long_form_columns():
     assert "| old | 2.0M | 50.00 | 25.00 | – | – | 3 | 1 |" in table
     assert RecipeConfig().long_form_seconds == 180.0
     assert RecipeConfig.from_dict({"long_form_seconds": 0}).long_form_seconds == 0
+
+
+def _window_that_ends_early(tokenizer, speech_until: float, resume: bool):
+    """One 30-s window whose text is a single segment 0.00-4.00 s, over audio with speech
+    (a tone) up to ``speech_until`` s: how far the seek moves, and the segment."""
+    from mlx_baldwhisper.decoding import DecodingResult
+    from mlx_baldwhisper.transcribe import _Stream, _segments
+    from mlx_baldwhisper.vad import speech_frames
+
+    t = np.arange(int(16000 * 30)) / 16000
+    audio = np.where(t < speech_until, 0.3 * np.sin(2 * np.pi * 300 * t), 0.0).astype(np.float32)
+    s = _Stream("a", None, 3000, "en", [(0, 3000)], speech=speech_frames(audio) if resume else None)
+    tb = tokenizer.timestamp_begin
+    tokens = [tb, *tokenizer.encode(" Hello"), tb + 200]  # <|0.00|> Hello <|4.00|>, then end of text
+    segs = _segments(s, 3000, DecodingResult("en", tokens), tokenizer)
+    return s.seek, segs
+
+
+def test_resume_early_end_goes_on_where_the_text_stopped_if_speech_follows():
+    from mlx_baldwhisper.tokenizer import get_tokenizer
+    from mlx_baldwhisper.weights import embedded
+
+    tk = get_tokenizer(embedded.folder("base")[0], True, "en", "transcribe")
+    seek, segs = _window_that_ends_early(tk, speech_until=20.0, resume=True)
+    assert seek == 400 and [(x["start"], x["end"]) for x in segs] == [(0.0, 4.0)]
+    # openai-whisper's rule without the option, and with it when only silence follows
+    assert _window_that_ends_early(tk, speech_until=20.0, resume=False)[0] == 3000
+    assert _window_that_ends_early(tk, speech_until=3.9, resume=True)[0] == 3000
+
+
+def test_resume_early_end_follows_the_model_config_and_keeps_tokens_when_off(tmp_path):
+    from mlx_baldwhisper import transcribe
+
+    model = tiny_model()
+    t = np.arange(16000 * 40) / 16000
+    audio = (0.2 * np.sin(2 * np.pi * 250 * t)).astype(np.float32)
+    plain = transcribe(audio, path_or_hf_repo=model, language="en", **QUICK)
+    model.extra_config["long_form"] = {"resume_early_end": False}
+    assert transcribe(audio, path_or_hf_repo=model, language="en", **QUICK) == plain
+    on = transcribe(audio, path_or_hf_repo=model, language="en", resume_early_end=True, **QUICK)
+    assert on["segments"] and all(a["start"] <= b["start"] for a, b in zip(on["segments"], on["segments"][1:]))
+    model.extra_config["long_form"] = {"resume_early_end": True}  # as the model folder sets it
+    assert transcribe(audio, path_or_hf_repo=model, language="en", **QUICK) == on

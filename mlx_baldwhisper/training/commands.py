@@ -277,10 +277,13 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                   show_default=True,
                   help="With --long-form: prompt each window with the text before it, as "
                        "transcribe() does by default.")
+    @click.option("--resume-early-end/--no-resume-early-end", default=None,
+                  help="With --long-form: go on from where a window's text ended early when "
+                       "speech follows (transcribe's resume_early_end; default: the model's).")
     @friendly
     def evaluate_cmd(model, manifest, language, limit, batch_size, output, sample_len, long_form,
                      long_form_gap, audio_context, chunking, vad_max_chunk, no_clips,
-                     condition_on_previous_text):
+                     condition_on_previous_text, resume_early_end):
         """WER and CER (normalised text, see evaluate.py) with greedy decoding; with
         --long-form, also on long recordings made of the clips."""
         from ..decoding import DecodingOptions
@@ -301,12 +304,14 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
             lf = evaluate_long_form(whisper, examples, long_form, language=language, gap=long_form_gap,
                                     batch_size=batch_size, limit=limit, audio_context=audio_context,
                                     chunking=chunking, vad_parameters=_vad(vad_max_chunk),
-                                    condition_on_previous_text=condition_on_previous_text)
+                                    condition_on_previous_text=condition_on_previous_text,
+                                    resume_early_end=resume_early_end)
             click.echo(f"long-form WER {100 * lf['wer']:.2f}%  CER {100 * lf['cer']:.2f}%  "
                        f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
                        f"audio, {lf['seconds']:.0f} s, chunking {chunking}"
                        f"{'' if vad_max_chunk is None else f' at most {vad_max_chunk:g} s'}"
-                       f"{'' if condition_on_previous_text else ', not conditioned on previous text'})")
+                       f"{'' if condition_on_previous_text else ', not conditioned on previous text'}"
+                       f"{'' if resume_early_end is None else f', resume_early_end {resume_early_end}'})")
             if output:
                 save_hypotheses(lf, _long_form_path(output))
 

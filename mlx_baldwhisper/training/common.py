@@ -233,6 +233,14 @@ def stage_settings(cfg: Any, data: StageData, **more: Any) -> dict[str, Any]:
             "dev_clips": len(data.dev), **more}
 
 
+# How a model trained here transcribes long recordings, written into its config.json
+# (transcribe's resume_early_end): fine-tuned and compressed models end windows early over
+# speech; going on from where the text stopped brought the recovered merged model's
+# long-form WER from 79.39 to 53.92 (clips 49.87) and left the teacher's at 46.90
+# (benchmarks/RESULTS.md, session 8). A folder that already says otherwise keeps its setting.
+TRAINED_LONG_FORM = {"resume_early_end": True}
+
+
 def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, Any]] = None,
                       force: bool = False) -> None:
     """Save with a training record appended to the config (the model itself is unchanged).
@@ -240,6 +248,7 @@ def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, A
     extra = dict(model.extra_config)
     if record:
         extra["training"] = list(extra.get("training", [])) + [record]
+        extra.setdefault("long_form", dict(TRAINED_LONG_FORM))
         if "surgery" in extra:
             extra["surgery"] = {**extra["surgery"], "recovered": True}
     saved, model.extra_config = model.extra_config, extra

@@ -40,12 +40,19 @@ class ModelDimensions:
     n_text_layer: int = 6
     # BaldWhisper: rank of the factored tied embedding (None = full embedding).
     embedding_rank: Optional[int] = None
+    # ... and how many of its last rows (special and timestamp tokens) stay whole.
+    embedding_exact_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name, (low, high) in LIMITS.items():
             setattr(self, name, _whole(name, getattr(self, name), low, high))
         if self.embedding_rank is not None:
             self.embedding_rank = _whole("embedding_rank", self.embedding_rank, 1, self.n_vocab)
+        if self.embedding_exact_rows is not None:
+            if not self.embedding_rank:
+                raise InvalidDimensionsError("embedding_exact_rows needs embedding_rank")
+            self.embedding_exact_rows = _whole("embedding_exact_rows", self.embedding_exact_rows,
+                                               0, self.n_vocab - 1)
         for side in ("audio", "text"):
             state, head = getattr(self, f"n_{side}_state"), getattr(self, f"n_{side}_head")
             if state % head:

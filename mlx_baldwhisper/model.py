@@ -170,7 +170,8 @@ class TextDecoder(nn.Module):
         super().__init__()
         n_state = dims.n_text_state
         if dims.embedding_rank:
-            self.token_embedding = LowRankEmbedding(dims.n_vocab, n_state, dims.embedding_rank)
+            self.token_embedding = LowRankEmbedding(dims.n_vocab, n_state, dims.embedding_rank,
+                                                    dims.embedding_exact_rows or 0)
         else:
             self.token_embedding = nn.Embedding(dims.n_vocab, n_state)
         self.positional_embedding = mx.zeros((dims.n_text_ctx, n_state))

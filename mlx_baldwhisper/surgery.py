@@ -38,6 +38,8 @@ class Surgery:
     # Per-token weights for the factorisation (see lowrank.factorize); the shear stage
     # passes token frequencies of the training text. None: plain truncated SVD.
     token_weights: Optional[Any] = None
+    # Keep this many last rows of the embedding (special and timestamp tokens) exact.
+    exact_rows: int = 0
     quantize: bool = False
     q_bits: int = 4
     q_group_size: int = 64
@@ -103,8 +105,8 @@ def apply_surgery(ckpt: Checkpoint, s: Surgery) -> Checkpoint:
         ckpt = merge.apply_plan(ckpt, plan, "decoder")
         record["decoder_removal"] = {"kept": [g[0] for g in plan.groups], "source_layers": n}
     if s.rank is not None:
-        ckpt, err = factor_embedding(ckpt, s.rank, s.token_weights)
-        record["embedding"] = {"rank": s.rank, "relative_error": err,
+        ckpt, err = factor_embedding(ckpt, s.rank, s.token_weights, s.exact_rows)
+        record["embedding"] = {"rank": s.rank, "relative_error": err, "exact_rows": s.exact_rows,
                                "init": "svd" if s.token_weights is None else "frequency-weighted svd"}
         s.report["relative_error"] = err
     if record:
@@ -114,22 +116,30 @@ def apply_surgery(ckpt: Checkpoint, s: Surgery) -> Checkpoint:
     return ckpt
 
 
-def factor_embedding(ckpt: Checkpoint, rank: int,
-                     token_weights: Optional[np.ndarray] = None) -> tuple[Checkpoint, float]:
-    """A checkpoint whose tied embedding is replaced by its rank-``rank`` factors.
+def factor_embedding(ckpt: Checkpoint, rank: int, token_weights: Optional[np.ndarray] = None,
+                     exact_rows: int = 0) -> tuple[Checkpoint, float]:
+    """A checkpoint whose tied embedding is replaced by its rank-``rank`` factors, its last
+    ``exact_rows`` rows kept whole.
 
-    Returns (new checkpoint, relative reconstruction error ‖E − AB‖/‖E‖).
+    Returns (new checkpoint, relative reconstruction error ‖E − AB‖/‖E‖ of the factored rows).
     """
     key = "decoder.token_embedding.weight"
     if key not in ckpt.weights:
         raise ValueError("this model's embedding is already factored; shear the full model")
     E = np.asarray(ckpt.weights[key], dtype=np.float32)
-    A, B, err = lowrank.factorize(E, rank, token_weights)
+    if not 0 <= exact_rows < E.shape[0]:
+        raise ValueError(f"exact_rows must be between 0 and {E.shape[0] - 1}, got {exact_rows}")
+    split = E.shape[0] - exact_rows
+    A, B, err = lowrank.factorize(E[:split], rank, None if token_weights is None
+                                  else np.asarray(token_weights)[:split])
     weights = {k: v for k, v in ckpt.weights.items() if k != key}
     weights["decoder.token_embedding.A.weight"] = A
     weights["decoder.token_embedding.B"] = B
+    if exact_rows:
+        weights["decoder.token_embedding.exact"] = E[split:].copy()
     dims = ckpt.dims.__class__(**ckpt.dims.to_dict())
     dims.embedding_rank = rank
+    dims.embedding_exact_rows = exact_rows or None
     return Checkpoint(dims, weights, ckpt.source, ckpt.alignment_heads, ckpt.tokenizer_dir,
                       dict(ckpt.extra)), err
 

@@ -118,6 +118,27 @@ def test_full_rank_reproduces_logits_and_low_rank_is_close(ckpt):
     assert low.weights["decoder.token_embedding.A.weight"].shape == (ckpt.dims.n_vocab, d // 2)
 
 
+def test_exact_rows_stay_whole_and_the_rest_is_factored(ckpt):
+    d, v = ckpt.dims.n_text_state, ckpt.dims.n_vocab
+    E = np.asarray(ckpt.weights["decoder.token_embedding.weight"])
+    full = apply_surgery(ckpt, Surgery(rank=d, exact_rows=1608))
+    np.testing.assert_allclose(logits(build_model(full)), logits(build_model(ckpt)), atol=1e-3)
+    low = apply_surgery(ckpt, Surgery(rank=d // 4, exact_rows=1608))
+    assert low.dims.embedding_exact_rows == 1608
+    assert low.weights["decoder.token_embedding.A.weight"].shape == (v - 1608, d // 4)
+    model = build_model(low)
+    emb = model.decoder.token_embedding
+    W = np.array(emb.weight)
+    assert W.shape == (v, d) and np.array_equal(W[v - 1608:], E[v - 1608:])
+    assert not np.allclose(W[:v - 1608], E[:v - 1608], atol=1e-3)  # the text rows are factored
+    tokens = mx.array([[50258, 400, 51000, 7]])
+    np.testing.assert_allclose(np.array(emb(tokens))[0], W[[50258, 400, 51000, 7]], atol=1e-5)
+    x = mx.random.normal((1, 2, d))
+    np.testing.assert_allclose(np.array(emb.as_linear(x)), np.array(x) @ W.T, atol=1e-3)
+    with pytest.raises(ValueError, match="exact_rows must be between"):
+        apply_surgery(ckpt, Surgery(rank=8, exact_rows=v))
+
+
 @pytest.mark.parametrize("bad,match", [
     (Surgery(rank=0), "rank must be between"),
     (Surgery(rank=10_000), "rank must be between"),

@@ -63,8 +63,11 @@ def test_greedy_tokens_identical_on_both_paths(monkeypatch, small_thresholds):
 
 def test_cached_steps_equal_full_forward_with_numpy_kernels(monkeypatch, small_thresholds):
     monkeypatch.setenv(cpu.ENV_VAR, "numpy")
-    for rank in (None, 8):
-        model = tiny_model(seed=7, embedding_rank=rank)
+    for kw in ({}, {"embedding_rank": 8}, {"embedding_rank": 8, "embedding_exact_rows": 1608}):
+        model = tiny_model(seed=7, **kw)
+        if "embedding_exact_rows" in kw:  # the special tokens below take the exact rows
+            emb = model.decoder.token_embedding
+            emb.exact = mx.random.normal(emb.exact.shape)
         feats = mx.random.normal((2, 1500, 32))
         tokens = mx.array([[50258, 50259, 50359, 50363, 400, 370, 452, 7177]] * 2)
         full = model.decoder(tokens, feats)[0]  # no cache: the plain MLX forward

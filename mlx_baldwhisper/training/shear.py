@@ -53,6 +53,9 @@ class ShearConfig:
     # uniform share ``uniform_mix`` so unseen tokens keep some weight).
     init: str = "frequency"
     uniform_mix: float = 0.1
+    # Keep the special and timestamp tokens' rows (ids from end-of-text on) exact, outside
+    # the factors: long-form seeking rests on them (lowrank.py). False: the paper's A·B for all.
+    exact_special: bool = True
     # Share of clips trained on timestamped targets (one segment <|0.00|> text <|end|>),
     # the rest on text alone: keeps the timestamps long-form transcription relies on.
     timestamp_prob: float = TIMESTAMP_PROB
@@ -98,10 +101,12 @@ def sheared_student(merged: Whisper, data: StageData, cfg: ShearConfig) -> Whisp
         return merged
     if cfg.init not in ("svd", "frequency"):
         raise ValueError(f"shear init must be 'svd' or 'frequency', not {cfg.init!r}")
+    tokenizer = tokenizer_for(merged)
     weights = (token_frequencies(data, merged.dims.n_vocab, cfg.uniform_mix, cfg.timestamp_prob,
-                                 tokenizer_for(merged).timestamp_begin)
+                                 tokenizer.timestamp_begin)
                if cfg.init == "frequency" else None)
-    return compress(merged, Surgery(rank=cfg.rank, token_weights=weights))
+    exact = merged.dims.n_vocab - tokenizer.eot if cfg.exact_special else 0
+    return compress(merged, Surgery(rank=cfg.rank, token_weights=weights, exact_rows=exact))
 
 
 def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig):
@@ -148,6 +153,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
                                           "input_feature_weight": cfg.input_feature_weight,
                                           "output_feature_weight": cfg.output_feature_weight,
                                           "init": cfg.init, "uniform_mix": cfg.uniform_mix,
+                                          "exact_special": cfg.exact_special,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data),
     )

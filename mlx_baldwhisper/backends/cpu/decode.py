@@ -111,7 +111,8 @@ class NumpyInference:
             return False
         emb = decoder.token_embedding
         if isinstance(emb, LowRankEmbedding):
-            table = type(emb.A) is nn.Embedding and emb.A.weight.dtype == emb.B.dtype == mx.float32
+            table = (type(emb.A) is nn.Embedding and emb.A.weight.dtype == emb.B.dtype == mx.float32
+                     and ("exact" not in emb or emb.exact.dtype == mx.float32))
         else:
             table = type(emb) is nn.Embedding and emb.weight.dtype == mx.float32
         return table and all(
@@ -128,6 +129,8 @@ class NumpyInference:
         low_rank = isinstance(emb, LowRankEmbedding)
         self.embedding = host(emb.A.weight if low_rank else emb.weight)  # (vocab, rank or width)
         self.factor = host(emb.B) if low_rank else None  # (rank, width)
+        # rows kept whole past the factored ones (lowrank.py), or None
+        self.exact = host(emb.exact) if low_rank and "exact" in emb else None
         self.positions = host(decoder.positional_embedding)
         self.ln = _norm_of(decoder.ln)
         self.kv: Optional[np.ndarray] = None  # (layers, 2, batch, heads, capacity, head_dim)
@@ -156,9 +159,14 @@ class NumpyInference:
         toks = np.asarray(memoryview(tokens))
         b, t = toks.shape
         start = self.offset
-        x = self.embedding[toks]
-        if self.factor is not None:
-            x = x @ self.factor
+        if self.exact is None:
+            x = self.embedding[toks]
+            if self.factor is not None:
+                x = x @ self.factor
+        else:
+            split = self.embedding.shape[0]
+            x = np.where((toks >= split)[..., None], self.exact[np.maximum(toks - split, 0)],
+                         self.embedding[np.minimum(toks, split - 1)] @ self.factor)
         x = x + self.positions[start:start + t]
         mask = None
         if t > 1:  # the prompt: causal within the new tokens
@@ -168,9 +176,10 @@ class NumpyInference:
             x = blk(x, kv_layer, start, mask, cross, self.audio_padding)
         self.offset = start + t
         flat = _layer_norm(x, self.ln).reshape(b * t, -1)
-        if self.factor is not None:
-            flat = flat @ self.factor.T
-        return mx.array((flat @ self.embedding.T).reshape(b, t, -1))
+        logits = (flat @ self.factor.T if self.factor is not None else flat) @ self.embedding.T
+        if self.exact is not None:
+            logits = np.concatenate([logits, flat @ self.exact.T], axis=-1)
+        return mx.array(logits.reshape(b, t, -1))
 
     def reorder(self, index: np.ndarray) -> None:
         """Beam search: keep the histories of the surviving hypotheses."""

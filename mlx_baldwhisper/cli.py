@@ -216,9 +216,10 @@ PUNCTUATION_HELP = "; words are timed together with them (with --word_timestamps
 @click.option("--suppress-tokens", default="-1", show_default=True, callback=_suppress_tokens,
               help="Comma-separated token ids never to sample; -1 means the non-speech symbols.")
 @click.option("--initial-prompt", default=None, help="Text given as previous context to the first window.")
-@click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True,
-              show_default=True, help="Give each window the previous text as a prompt (False: "
-              "less prone to repetition loops, less consistent).")
+@click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=None,
+              help="Give each window the previous text as a prompt (False: less prone to "
+              "repetition loops, less consistent). Default: the model's config.json (off in "
+              "models fine-tuned here), else on.")
 @click.option("--fp16/--no-fp16", default=None,
               help="Half precision (True) or float32 (False); on Linux's CPU float16 is much "
               "slower, so True falls back to float32 with a warning. Default: --dtype.")

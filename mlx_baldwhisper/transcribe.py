@@ -127,7 +127,7 @@ def transcribe(
     compression_ratio_threshold: Optional[float] = 2.4,
     logprob_threshold: Optional[float] = -1.0,
     no_speech_threshold: Optional[float] = 0.6,
-    condition_on_previous_text: bool = True,
+    condition_on_previous_text: Optional[bool] = None,
     initial_prompt: Optional[str] = None,
     word_timestamps: bool = False,
     prepend_punctuations: str = "\"'“¿([{-",
@@ -157,6 +157,9 @@ def transcribe(
     ``audio_context`` ("full", "dynamic", "dynamic:MARGIN" or a number of encoder
     positions) overrides the model's own policy (audio_context.py; default: its
     config.json's, else full 30-s windows).
+    ``condition_on_previous_text``: prompt each window with the text before it. Default:
+    the model's config.json (``"long_form": {"condition_on_previous_text": false}`` in models
+    trained here), else True, as openai-whisper.
     ``resume_early_end``: when a window's text ends (at a timestamp) at least 1 s before the
     window and the energy VAD hears speech after it, the next window starts at that
     timestamp; openai-whisper moves on after the window and loses that speech. A prompted
@@ -184,8 +187,11 @@ def transcribe(
     tokenizer = tokenizer_for(model, language or "en", task)
     initial = tokenizer.encode(" " + initial_prompt.strip()) if initial_prompt else []
     points = parse_clip_timestamps(clip_timestamps)
+    policy = model.extra_config.get("long_form", {})  # the model's own long-form settings
     if resume_early_end is None:
-        resume_early_end = bool(model.extra_config.get("long_form", {}).get("resume_early_end", False))
+        resume_early_end = policy.get("resume_early_end", False)
+    if condition_on_previous_text is None:
+        condition_on_previous_text = policy.get("condition_on_previous_text", True)
     if hallucination_silence_threshold is not None and not word_timestamps:
         warnings.warn("hallucination_silence_threshold needs word_timestamps=True; ignored")
         hallucination_silence_threshold = None

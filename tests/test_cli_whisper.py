@@ -73,7 +73,7 @@ def options_for(recorded: list[dict], wav: str, tmp_path: Path, *args: str) -> d
     (["--word_timestamps=true"], {"word_timestamps": True}),
     (["--word-timestamps"], {"word_timestamps": True}),
     (["--word_timestamps", "True", "--no-word-timestamps"], {"word_timestamps": False}),
-    ([], {"word_timestamps": False, "condition_on_previous_text": True, "verbose": True,
+    ([], {"word_timestamps": False, "condition_on_previous_text": None, "verbose": True,
           "without_timestamps": False, "dtype": "float32", "clip_timestamps": "0",
           "hallucination_silence_threshold": None}),
     (["--condition_on_previous_text", "False"], {"condition_on_previous_text": False}),

@@ -236,12 +236,12 @@ def wide_folder(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_compressed_folder_round_trips(bits, tmp_path, wide_folder):
+@pytest.mark.parametrize("bits,exact", [(8, 0), (4, 0), (4, 1608)])
+def test_quantized_compressed_folder_round_trips(bits, exact, tmp_path, wide_folder):
     from mlx.utils import tree_flatten
 
     out = tmp_path / f"q{bits}"
-    surgery = Surgery(merge=True, rank=32, quantize=True, q_bits=bits, q_group_size=64)
+    surgery = Surgery(merge=True, rank=32, quantize=True, q_bits=bits, q_group_size=64, exact_rows=exact)
     model = convert(wide_folder, str(out), "float32", surgery, log=lambda *_: None)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization"]["bits"] == bits
@@ -260,6 +260,8 @@ def test_quantized_compressed_folder_round_trips(bits, tmp_path, wide_folder):
     # rank 32 is not a multiple of 64: factor A falls back to groups of 32 but is quantized
     assert "decoder.token_embedding.A.scales" in names
     assert "decoder.blocks.0.mlp1.scales" in names
+    assert ("decoder.token_embedding.exact" in names) == bool(exact)  # kept in float
+    assert "decoder.token_embedding.exact.scales" not in names
     float_logits = logits(load_model(wide_folder))
     assert np.isfinite(logits(reloaded)).all() and float_logits.shape == logits(reloaded).shape
 

@@ -87,12 +87,12 @@ def test_evaluate_command_long_form(tmp_path, monkeypatch):
                                     "--chunking", "vad", "--no-clips"])
     assert vad.exit_code == 0, vad.output
     assert seen["chunking"] == "vad" and "chunking vad" in vad.output
-    assert seen["condition_on_previous_text"] is True
+    assert seen["condition_on_previous_text"] is None  # the model's config decides
     plain = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "m"), "--data",
                                       str(tmp_path / "dev.tsv"), "--language", "en", "--long-form", "2",
                                       "--no-clips", "--no-condition-on-previous-text"])
     assert plain.exit_code == 0, plain.output
-    assert seen["condition_on_previous_text"] is False and "not conditioned" in plain.output
+    assert seen["condition_on_previous_text"] is False and "condition_on_previous_text False" in plain.output
     assert "utterances" not in vad.output  # --no-clips: the clips were not scored one by one
     lonely = CliRunner().invoke(main, ["evaluate", "--data", str(tmp_path / "dev.tsv"), "--no-clips"])
     assert lonely.exit_code != 0 and "--no-clips needs --long-form" in lonely.output
@@ -153,3 +153,7 @@ def test_resume_early_end_follows_the_model_config_and_keeps_tokens_when_off(tmp
     assert on["segments"] and all(a["start"] <= b["start"] for a, b in zip(on["segments"], on["segments"][1:]))
     model.extra_config["long_form"] = {"resume_early_end": True}  # as the model folder sets it
     assert transcribe(audio, path_or_hf_repo=model, language="en", **QUICK) == on
+    unprompted = transcribe(audio, path_or_hf_repo=model, language="en", resume_early_end=True,
+                            condition_on_previous_text=False, **QUICK)
+    model.extra_config["long_form"] = {"resume_early_end": True, "condition_on_previous_text": False}
+    assert transcribe(audio, path_or_hf_repo=model, language="en", **QUICK) == unprompted

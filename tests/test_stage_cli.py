@@ -38,7 +38,7 @@ def test_every_stage_ends_with_its_scores_and_model(corpus):
     cfg = json.loads((corpus / "teacher" / "config.json").read_text())
     assert cfg["language_tokens"] == {"ha": "yo"}
     assert cfg["training"][-1]["max_steps"] == 2 and cfg["training"][-1]["lr"] == 1e-3
-    assert cfg["long_form"] == {"resume_early_end": True}  # trained models go on after early ends
+    assert cfg["long_form"] == {"resume_early_end": True, "condition_on_previous_text": False}
     r = run(stage(corpus, "recover", str(corpus / "merged"), "--teacher", teacher, "--max-steps", "1"))
     assert r.exit_code == 0, r.output
     assert "best dev WER" in r.output and "merged" in r.output

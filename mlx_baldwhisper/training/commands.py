@@ -273,10 +273,9 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                   metavar="SECONDS", help="With --chunking vad: the longest chunk (default 30).")
     @click.option("--no-clips", is_flag=True,
                   help="With --long-form, score only the long recordings, not each clip.")
-    @click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=True,
-                  show_default=True,
-                  help="With --long-form: prompt each window with the text before it, as "
-                       "transcribe() does by default.")
+    @click.option("--condition-on-previous-text/--no-condition-on-previous-text", default=None,
+                  help="With --long-form: prompt each window with the text before it (default: "
+                       "the model's config.json, else on, as transcribe()).")
     @click.option("--resume-early-end/--no-resume-early-end", default=None,
                   help="With --long-form: go on from where a window's text ended early when "
                        "speech follows (transcribe's resume_early_end; default: the model's).")
@@ -310,7 +309,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                        f"({lf['n']} recordings of {lf['clips']} clips, {lf['audio_seconds']:.0f} s of "
                        f"audio, {lf['seconds']:.0f} s, chunking {chunking}"
                        f"{'' if vad_max_chunk is None else f' at most {vad_max_chunk:g} s'}"
-                       f"{'' if condition_on_previous_text else ', not conditioned on previous text'}"
+                       f"{'' if condition_on_previous_text is None else f', condition_on_previous_text {condition_on_previous_text}'}"
                        f"{'' if resume_early_end is None else f', resume_early_end {resume_early_end}'})")
             if output:
                 save_hypotheses(lf, _long_form_path(output))

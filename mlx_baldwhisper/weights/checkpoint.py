@@ -50,10 +50,11 @@ QUANT_BITS, QUANT_GROUPS = (2, 3, 4, 5, 6, 8), (32, 64, 128)
 
 def validate(ckpt: Checkpoint) -> None:
     """Refuse a checkpoint whose alignment heads, quantization or tokenizer do not fit
-    its dimensions. (Tensor names, shapes and dtypes are checked against the lazily
+    its dimensions, or whose long-form policy is not a set of flags. (Tensor names, shapes and dtypes are checked against the lazily
     built model, in :func:`mlx_baldwhisper.load.build_model`.)"""
     check_alignment_heads(ckpt.alignment_heads, ckpt.dims)
     check_quantization(ckpt)
+    check_long_form(ckpt)
     if ckpt.tokenizer_dir is not None and (Path(ckpt.tokenizer_dir) / "tokenizer.json").exists():
         check_tokenizer(Path(ckpt.tokenizer_dir) / "tokenizer.json", ckpt.dims.n_vocab)
 
@@ -84,6 +85,13 @@ def check_quantization(ckpt: Checkpoint) -> None:
         parts = [ckpt.weights.get(f"{name}.{p}") for p in ("weight", "scales", "biases")]
         if any(p is None or len(p.shape) != 2 for p in parts) or not parts[1].shape[-1]:
             raise ModelLoadError(f"the quantized layer {name} lacks a 2-D weight, scales or biases")
+
+
+def check_long_form(ckpt: Checkpoint) -> None:
+    """The model's long-form policy (transcribe's resume_early_end, ...) holds only flags."""
+    policy = ckpt.extra.get("long_form", {})
+    if not isinstance(policy, dict) or not all(isinstance(v, bool) for v in policy.values()):
+        raise ModelLoadError(f"long_form must map settings to true/false, not {policy!r:.80}")
 
 
 @lru_cache(maxsize=8)

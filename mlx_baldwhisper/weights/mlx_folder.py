@@ -50,10 +50,6 @@ def read(path: Path, cfg: dict[str, Any]) -> Checkpoint:
     dims = ModelDimensions.from_dict(cfg["dims"]) if "dims" in cfg else ModelDimensions.from_config(cfg)
     extra = {k: cfg[k] for k in ("surgery", "quantization", "training", "language_tokens", "audio_context",
                                  "long_form") if k in cfg}
-    long_form = extra.get("long_form", {})
-    if not isinstance(long_form, dict) or not all(isinstance(v, bool) for v in long_form.values()):
-        raise ModelLoadError(f"{path / 'config.json'}: long_form must map settings to true/false, "
-                             f"not {long_form!r:.80}")
     return Checkpoint(
         dims, weights, source=cfg.get("source", f"mlx:{path}"),
         alignment_heads=cfg.get("alignment_heads"),

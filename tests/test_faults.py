@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -272,11 +273,12 @@ def test_full_disk_merge_search_keeps_the_earlier_trials(tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "dev_evaluator",
                         lambda data, limit: lambda student: {"wer": 1 - student.alpha, "cer": 0.0})
     out, search = tmp_path / "search", MergeSearchConfig(ratios=(0.0, 0.5))
-    assert merge_search(None, None, search, out)["alpha"] == 0.5
+    teacher = SimpleNamespace(dims=SimpleNamespace(n_text_layer=2))
+    assert merge_search(teacher, None, search, out)["alpha"] == 0.5
     before = (out / "trials.jsonl").read_bytes()
     full_write_bytes(monkeypatch, "trials.jsonl")
     with pytest.raises(DiskFullError, match=rf"{out / 'trials.jsonl'}: it needs about"):
-        merge_search(None, None, search, out)
+        merge_search(teacher, None, search, out)
     assert (out / "trials.jsonl").read_bytes() == before and leftovers(out) == []
 
 

@@ -31,7 +31,10 @@ def test_recipe_writes_every_model_and_results(corpus):
     final = json.loads((out / "final" / "config.json").read_text())
     assert final["embedding_rank"] == 8 and final["n_text_layer"] == 2
     assert [t["stage"] for t in final["training"]][-1] == "shear"
-    assert len((out / "search" / "trials.jsonl").read_text().splitlines()) == 2
+    # successive halving over 2 ratios x 2 merge groups: 4 candidates at 2 steps, the best 2 at 6
+    trials = [json.loads(t) for t in (out / "search" / "trials.jsonl").read_text().splitlines()]
+    assert [t["steps"] for t in trials] == [2, 2, 2, 2, 6, 6]
+    assert results["search"]["trial_steps"] == 20 and results["search"]["ratios"] in [t["ratios"] for t in trials[4:]]
     assert "| final |" in (out / "results.md").read_text()
     for name in ("untuned", "teacher", "final"):  # long-form scores beside the clip scores
         assert results["stages"][name]["long_form_n"] == 1, name
@@ -95,3 +98,41 @@ def test_a_partial_train_block_keeps_the_stages_own_defaults(tmp_path):
     assert cfg.audio_context.train.warmup_steps == defaults.audio_context.train.warmup_steps
     assert cfg.recover.train.seed == 3 and cfg.recover.train.lr == defaults.recover.train.lr
     assert cfg.recover.train.max_steps == defaults.recover.train.max_steps
+
+
+def _weights(folder) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    return {k: np.array(v) for k, v in mx.load(str(folder / "weights.safetensors")).items()}
+
+
+def test_the_same_seed_gives_the_same_weights_twice(corpus):
+    """Reproducibility (issue 17): two runs of the recipe with one seed, each with its own
+    feature cache, end with bit-identical teacher, merged and final weights; another seed
+    gives other weights."""
+    from click.testing import CliRunner
+
+    from mlx_baldwhisper.cli import main
+
+    config = tiny_config(str(corpus / "start"))
+    config.update(search=None, audio_context=None, long_form_seconds=0, merge_groups="0;1,2,3")
+    for stage in ("finetune", "recover", "shear"):
+        config[stage]["train"] = {**TINY_TRAIN, "max_steps": 3}
+    (corpus / "cfg.json").write_text(json.dumps(config))
+
+    def run(name: str, seed: int) -> dict:
+        args = ["recipe", "--train", str(corpus / "train.tsv"), "--dev", str(corpus / "dev.tsv"),
+                "--language", "ha", "--out", str(corpus / name), "--config", str(corpus / "cfg.json"),
+                "--cache-dir", str(corpus / f"cache-{name}"), "--seed", str(seed),
+                "--stages", "teacher,merged,final"]
+        done = CliRunner().invoke(main, args)
+        assert done.exit_code == 0, done.output
+        assert json.loads((corpus / name / "config.json").read_text())["shear"]["train"]["seed"] == seed
+        return {stage: _weights(corpus / name / stage) for stage in ("teacher", "merged", "final")}
+
+    first, second, other = run("a", 7), run("b", 7), run("c", 8)
+    for stage in first:
+        assert first[stage].keys() == second[stage].keys()
+        assert all((first[stage][k] == second[stage][k]).all() for k in first[stage]), stage
+    assert any(not (first["final"][k] == other["final"][k]).all() for k in first["final"])

@@ -38,6 +38,7 @@ class StageOptions:
     lr: Optional[float]
     eval_limit: Optional[int]
     save_every: Optional[int]
+    seed: Optional[int]
 
     def config(self):
         """The JSON config (or the defaults) with this command's overrides applied."""
@@ -49,6 +50,8 @@ class StageOptions:
         for stage in (cfg.finetune, cfg.recover, cfg.shear, cfg.audio_context):
             if stage is not None:
                 self.override(stage)
+        if self.seed is not None and cfg.search is not None:
+            cfg.search.recover.train.seed = self.seed
         return cfg
 
     def override(self, stage: Any) -> None:
@@ -57,6 +60,7 @@ class StageOptions:
         train.max_steps = self.max_steps or train.max_steps
         train.lr = self.lr or train.lr
         train.save_every = train.save_every if self.save_every is None else self.save_every
+        train.seed = train.seed if self.seed is None else self.seed
         stage.batch_size = self.batch_size or stage.batch_size
         stage.eval_limit = self.eval_limit or stage.eval_limit
 
@@ -142,6 +146,9 @@ STAGE_OPTIONS = [
                  help="Dev clips scored during training (overrides the config)."),
     click.option("--save-every", type=click.IntRange(min=0), default=None,
                  help="Checkpoint every N steps; 0 = at the end and on interrupt only."),
+    click.option("--seed", type=click.IntRange(min=0), default=None,
+                 help="Seed of every stage's data order, packing and initialisation (overrides "
+                      "the config): one seed, one machine and thread count give the same weights."),
     click.option("--print-config", is_flag=True, expose_value=False, is_eager=True,
                  callback=_print_config, help="Print the default JSON config and exit."),
 ]
@@ -195,7 +202,7 @@ def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
         models = {i.role: opts.with_language_token(load_model(given[name] or cfg.model), cfg.language_token)
                   for name, i in roles.items() if given[name] or i.role == "base"}
         data = opts.data(next(iter(models.values())), freeze_encoder=not values.get("full", False))
-        inputs = StageInputs(models, data, cfg, lambda: (cfg.alpha, cfg.beta), opts.resume, opts.force)
+        inputs = StageInputs(models, data, cfg, cfg.merge_choice, opts.resume, opts.force)
         finish(stage.train(stage.student(inputs), inputs, Path(opts.out)), opts.out)
 
     run.__name__, run.__doc__ = f"{stage.command}_cmd", stage.summary
@@ -242,8 +249,10 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         t = opts.with_language_token(load_model(teacher), recipe.language_token)
         found = merge_search(t, opts.data(t), search, Path(opts.out), recipe.merge_groups)
         best = min(found["trials"], key=lambda x: (x["wer"], x["cer"]))
-        click.echo(f"best alpha={found['alpha']:g} beta={found['beta']:g}: dev WER "
-                   f"{100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%; trials: "
+        chosen = found["merge_weights"] or f"alpha={found['alpha']:g} beta={found['beta']:g}"
+        click.echo(f"best {chosen} (ratios {found['ratios']}): dev WER "
+                   f"{100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%; "
+                   f"{len(found['trials'])} trials, {found['trial_seconds']:.0f} s; trials: "
                    f"{Path(opts.out) / 'trials.jsonl'}")
 
     @main.command("evaluate")

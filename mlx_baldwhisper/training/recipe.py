@@ -50,6 +50,9 @@ class RecipeConfig:
     search: Optional[MergeSearchConfig] = field(default_factory=MergeSearchConfig)
     alpha: float = DEFAULT_ALPHA  # used when search is None
     beta: float = DEFAULT_BETA
+    # Per-group merge weights (``convert.py --merge-weights`` syntax); when set, used in
+    # place of alpha/beta when search is None.
+    merge_weights: Optional[str] = None
     # Which decoder layers merge (``convert.py --merge-groups`` syntax); None is the paper's
     # adjacent pairs "0,1;2,3;4,5". The layer-removal baseline keeps as many layers.
     merge_groups: Optional[str] = None
@@ -76,6 +79,10 @@ class RecipeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def merge_choice(self) -> dict[str, Any]:
+        """The configured merge weights (used when there is no search)."""
+        return {"alpha": self.alpha, "beta": self.beta, "merge_weights": self.merge_weights}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecipeConfig":
@@ -243,22 +250,22 @@ class Recipe:
                          clear_cache=self.clear_cache, silence_share=cfg.silence_share)
         self.results["data"] = {"train": len(data.train), "dev": len(data.dev),
                                 "skipped": data.skipped, "seconds": round(time.perf_counter() - start, 1)}
-        self.inputs = StageInputs(_StageModels(self, base), data, cfg, self._merge_weights,
+        self.inputs = StageInputs(_StageModels(self, base), data, cfg, self._merge_choice,
                                   self.resume, self.force)
         if "untuned" in self.stages and not self._done("untuned"):
             self._record("untuned", base, 0.0)
         if "search" in self.stages:
-            self._merge_weights()
+            self._merge_choice()
         for stage in STAGES:
             if stage.name in self.stages and getattr(cfg, stage.config) is not None:
                 self.inputs.models[stage.name]
         self._summarise()
         return self.results
 
-    def _merge_weights(self) -> tuple[float, float]:
-        """α, β from the search (run once, recorded in the results), or from the config."""
+    def _merge_choice(self) -> dict[str, Any]:
+        """Merge weights from the search (run once, recorded in the results), or the config's."""
         if self.cfg.search is None:
-            return self.cfg.alpha, self.cfg.beta
+            return self.cfg.merge_choice()
         self._reload()
         if "search" not in self.results:
             self._require("search")
@@ -268,7 +275,8 @@ class Recipe:
             found["seconds"] = round(time.perf_counter() - t0, 1)
             self.results["search"] = found
             self._save_results()
-        return self.results["search"]["alpha"], self.results["search"]["beta"]
+        found = self.results["search"]
+        return {k: found.get(k) for k in ("alpha", "beta", "merge_weights")}
 
     def train_stage(self, stage: Stage) -> Whisper:
         """A finished stage's model is loaded from OUT; an unfinished one is trained (or resumed)."""

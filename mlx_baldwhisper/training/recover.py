@@ -114,13 +114,18 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
                                       cfg.pack_prob, student, cfg.prompt_prob), resume=resume)
 
 
+def merging(choice: dict, groups: Optional[str]) -> Surgery:
+    """The merge ``choice`` ({"alpha", "beta", "merge_weights"}: per-group weights win) as surgery."""
+    if choice.get("merge_weights"):
+        return Surgery(merge=True, merge_groups=groups, merge_weights=choice["merge_weights"])
+    return Surgery(merge=True, merge_groups=groups, alpha=choice["alpha"], beta=choice["beta"])
+
+
 def merged_student(i: StageInputs) -> Whisper:
-    """A merged folder given outright, else the teacher merged with the chosen α, β."""
+    """A merged folder given outright, else the teacher merged with the chosen weights."""
     if "student" in i.models:
         return i.models["student"]
-    alpha, beta = i.merge_weights()
-    return compress(i.models["teacher"], Surgery(merge=True, merge_groups=i.cfg.merge_groups,
-                                                  alpha=alpha, beta=beta))
+    return compress(i.models["teacher"], merging(i.merge_choice(), i.cfg.merge_groups))
 
 
 def merged_layer_count(n_layers: int, groups: Optional[str]) -> int:
@@ -137,10 +142,11 @@ def removed_student(i: StageInputs) -> Whisper:
 
 
 def _configure(cfg, alpha: Optional[float] = None, beta: Optional[float] = None,
-               merge_groups: Optional[str] = None) -> None:
+               merge_groups: Optional[str] = None, merge_weights: Optional[str] = None) -> None:
     cfg.alpha = cfg.alpha if alpha is None else alpha
     cfg.beta = cfg.beta if beta is None else beta
     cfg.merge_groups = merge_groups or cfg.merge_groups
+    cfg.merge_weights = merge_weights or cfg.merge_weights
 
 
 TEACHER = ModelInput("teacher", "--teacher", "The fine-tuned (uncompressed) model folder.")
@@ -161,9 +167,12 @@ MERGED = Stage(
         click.option("--merge-groups", default=None,
                      help="Decoder layers to merge, e.g. '0;1,2,3;4,5' (default: the config's, "
                           "else adjacent pairs)."),
+        click.option("--merge-weights", default=None,
+                     help="Per-group weights of the merged layers, e.g. '0.1,0.1,0.9;0.2,0.8' for "
+                          "groups '0;1,2,3;4,5' (overrides --alpha/--beta)."),
     ),
     configure=_configure,
-    record=lambda i: dict(zip(("alpha", "beta"), i.merge_weights())),
+    record=lambda i: {k: v for k, v in i.merge_choice().items() if v is not None},
 )
 
 REMOVED = Stage(

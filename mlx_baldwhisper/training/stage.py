@@ -25,7 +25,8 @@ class StageInputs:
     models: Mapping[str, Whisper]
     data: StageData
     cfg: Any  # the RecipeConfig, with the command line's overrides applied
-    merge_weights: Callable[[], tuple[float, float]]  # α, β: searched, or the config's
+    # {"alpha", "beta", "merge_weights"}: searched, or the config's (RecipeConfig.merge_choice)
+    merge_choice: Callable[[], dict]
     resume: bool = True
     force: bool = False
 

@@ -136,3 +136,42 @@ def test_numpy_kernels_match_mlx_autograd():
     assert np.abs(g_s).max() > 1e-3 and abs(float(g_t)) > 1e-4  # real gradients, not zeros
     _paths_agree(lambda s: cross_entropy(s, y, m), big_s)
     _paths_agree(lambda s: kl_distillation(s, big_t, m, 2.5), big_s)
+
+
+# Values worked out by hand on two-word vocabularies (issue 17: every loss against
+# hand-computed numbers). Teacher logits [0, ln 3] are p = [1/4, 3/4]; student logits [0, 0]
+# are q = [1/2, 1/2].
+HAND_T = [[[0.0, math.log(3.0)], [0.0, 0.0]]]
+HAND_S = [[[0.0, 0.0], [0.0, 0.0]]]
+
+
+def test_cross_entropy_by_hand():
+    # token 1: -ln 3/4 = 0.287682; token 2 (masked out) would be ln 2
+    got = cross_entropy(mx.array(HAND_T), mx.array([[1, 0]]), mx.array([[1.0, 0.0]])).item()
+    assert got == pytest.approx(0.287682, abs=1e-5)
+
+
+def test_kl_by_hand():
+    # T = 1: 1/4·ln(1/2) + 3/4·ln(3/2) = 0.130812 on token 1, 0 on token 2; mean over 2 tokens
+    got = kl_distillation(mx.array(HAND_S), mx.array(HAND_T), mx.array([[1.0, 1.0]]), 1.0).item()
+    assert got == pytest.approx(0.130812 / 2, abs=1e-5)
+    # T = 2: p = [1, √3]/(1 + √3) = [0.366025, 0.633975];
+    # KL = 0.366025·ln 0.732051 + 0.633975·ln 1.267949 = 0.036360, times T² = 4
+    got = kl_distillation(mx.array(HAND_S), mx.array(HAND_T), mx.array([[1.0, 0.0]]), 2.0).item()
+    assert got == pytest.approx(4 * 0.036360, abs=1e-4)
+
+
+def test_feature_distance_by_hand():
+    # orthogonal unit rows: mean |a − b| = 1, cos = 0, −ln σ(0) = ln 2
+    got = feature_distance(mx.array([[1.0, 0.0]]), mx.array([[0.0, 1.0]])).item()
+    assert got == pytest.approx(1 + math.log(2), abs=1e-6)
+
+
+def test_hidden_state_mse_by_hand():
+    from mlx_baldwhisper.training.losses import hidden_state_mse
+
+    # layer 1: ((1−1)² + (2−0)²)/2 = 2; layer 2: ((3−0)² + (0−2)²)/2 = 6.5; mean 4.25.
+    # The second token is masked out, whatever its distance.
+    s = [mx.array([[[1.0, 2.0], [100.0, 0.0]]]), mx.array([[[3.0, 0.0], [0.0, 100.0]]])]
+    t = [mx.array([[[1.0, 0.0], [0.0, 0.0]]]), mx.array([[[0.0, 2.0], [0.0, 0.0]]])]
+    assert hidden_state_mse(s, t, mx.array([[1.0, 0.0]])).item() == pytest.approx(4.25)

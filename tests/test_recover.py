@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_model
 from mlx_baldwhisper.surgery import Surgery, compress
-from mlx_baldwhisper.training.losses import LearnableTemperature, distillation_loss
+from mlx_baldwhisper.training.losses import LearnableTemperature, distillation_loss, kl_distillation
 from mlx_baldwhisper.training.recover import distill_loss_fn, teacher_layers
 
 
@@ -64,3 +64,21 @@ def test_training_on_the_hidden_term_lowers_it():
         opt.update(student, grads)
         mx.eval(student.parameters(), opt.state)
     assert fn(student, batch)[1]["hidden"].item() < 0.5 * first
+
+
+def test_untuned_term_is_the_kl_to_the_untuned_model():
+    """recover.untuned_kl_weight w adds w·T²·KL(untuned_T ‖ student_T) to the loss."""
+    untuned = tiny_model(seed=1, n_text_layer=4)
+    teacher = tiny_model(seed=2, n_text_layer=4)
+    student = compress(teacher, Surgery(merge=True, merge_groups="0,1;2,3"))
+    batch, temperature = _batch(), LearnableTemperature(2.0)
+    plain, _ = distill_loss_fn(teacher, temperature, 1.0, 1.0)(student, batch)
+    loss, parts = distill_loss_fn(teacher, temperature, 1.0, 1.0, untuned=untuned,
+                                  untuned_kl_weight=0.3)(student, batch)
+    inputs, feats, m = mx.array(batch["inputs"]), mx.array(batch["features"]), mx.array(batch["mask"])
+    logits = [model.decoder.layer_states(inputs, feats)[1] for model in (student, untuned)]
+    by_hand = kl_distillation(*logits, m, 2.0).item()
+    assert parts["untuned_kl"].item() == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
+    assert loss.item() == pytest.approx(plain.item() + 0.3 * by_hand, rel=1e-4)
+    with pytest.raises(ValueError, match="needs the untuned model"):
+        distill_loss_fn(teacher, temperature, 1.0, 1.0, untuned_kl_weight=0.3)

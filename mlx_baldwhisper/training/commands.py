@@ -8,8 +8,10 @@ one exits with status 130 and resumes when the same command is run again.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -199,9 +201,10 @@ def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
         cfg = opts.config()
         stage.configure(cfg, **values)
         opts.check_outputs()
-        models = {i.role: opts.with_language_token(load_model(given[name] or cfg.model), cfg.language_token)
-                  for name, i in roles.items() if given[name] or i.role == "base"}
-        data = opts.data(next(iter(models.values())), freeze_encoder=not values.get("full", False))
+        models = _LoadOnUse({i.role: functools.partial(load_model, given[name] or cfg.model)
+                             for name, i in roles.items() if given[name] or i.role == "base"},
+                            lambda m: opts.with_language_token(m, cfg.language_token))
+        data = opts.data(models[next(iter(models))], freeze_encoder=not values.get("full", False))
         inputs = StageInputs(models, data, cfg, cfg.merge_choice, opts.resume, opts.force)
         finish(stage.train(stage.student(inputs), inputs, Path(opts.out)), opts.out)
 
@@ -212,6 +215,25 @@ def stage_subcommand(main: click.Group, friendly: Callable, stage) -> None:
     for name, i in reversed(list(roles.items())):
         command = click.option(i.option, name, required=i.required, default=None, help=i.help)(command)
     main.command(stage.command)(command)
+
+
+class _LoadOnUse(Mapping[str, Any]):
+    """Models by role, each loaded the first time a stage asks for it (an optional one,
+    like recover's untuned model, costs nothing when unused)."""
+
+    def __init__(self, loaders: dict[str, Callable[[], Any]], prepare: Callable[[Any], Any]):
+        self.loaders, self.prepare, self.loaded = loaders, prepare, {}
+
+    def __getitem__(self, role: str) -> Any:
+        if role not in self.loaded:
+            self.loaded[role] = self.prepare(self.loaders[role]())
+        return self.loaded[role]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loaders)
+
+    def __len__(self) -> int:
+        return len(self.loaders)
 
 
 def _vad(max_chunk: Optional[float]) -> Optional[dict[str, float]]:

@@ -11,6 +11,11 @@ teacher's timestamps too.
 pulled towards the teacher's output after the last layer of its group (MSE over tokens),
 the same signal the shear stage gives the embedding, so recovery does not rest on the
 logits alone.
+
+``untuned_kl_weight`` adds a second, weaker teacher: the untuned model the teacher was
+fine-tuned from. It shares the frozen encoder (and so the cached features) when the
+fine-tuning froze the encoder, the default; otherwise its decoder reads the teacher's
+encoder features, an approximation.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
-from .losses import LearnableTemperature, distillation_loss, hidden_state_mse
+from .losses import LearnableTemperature, distillation_loss, hidden_state_mse, kl_distillation
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -54,6 +59,10 @@ class RecoverConfig:
     # Intermediate-layer distillation: weight of the MSE between each student layer's
     # output and the teacher's after the last layer of its merge group (0: off).
     hidden_weight: float = 0.0
+    # Regularisation towards the untuned model (the one the teacher was fine-tuned from):
+    # weight of T²·KL(untuned_T ‖ student_T) on the same batches (0: off), so the student
+    # stays close to Whisper's general ability, not only to the teacher's tuned outputs.
+    untuned_kl_weight: float = 0.0
 
 
 def teacher_layers(student: Whisper) -> list[int]:
@@ -70,43 +79,58 @@ def teacher_layers(student: Whisper) -> list[int]:
 
 def distill_loss_fn(teacher: Whisper, temperature: LearnableTemperature, ce_weight: float,
                     kl_weight: float, hidden_weight: float = 0.0,
-                    layers: Optional[list[int]] = None):
+                    layers: Optional[list[int]] = None, untuned: Optional[Whisper] = None,
+                    untuned_kl_weight: float = 0.0):
     """The Trainer optimises ``temperature`` with the student (it is an extra module).
-    With ``hidden_weight``, student layer k also matches the teacher's layer ``layers[k]``."""
+    With ``hidden_weight``, student layer k also matches the teacher's layer ``layers[k]``;
+    with ``untuned_kl_weight``, the student's soft outputs also match ``untuned``'s."""
+    if untuned_kl_weight and untuned is None:
+        raise ValueError("untuned_kl_weight needs the untuned model (recover --untuned, or the recipe's model)")
+
     def loss_fn(student, batch):
         feats = decoder_input(student, batch)
         inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
         pad, at = audio_padding(batch), scored(batch)
+        t = temperature()
         if not hidden_weight:
             hidden = student.decoder(inputs, feats, audio_padding=pad, return_hidden=True)[0]
-            return distillation_loss(student.decoder.project(hidden, at.rows),
-                                     teacher_logits(teacher, inputs, feats, pad, at.rows),
-                                     at.targets, at.mask, temperature(), ce_weight, kl_weight)
-        with backends.inference():
-            t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad,
-                                                              at.rows)
-        states, logits = student.decoder.layer_states(inputs, feats, pad, at.rows)
-        loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), at.targets, at.mask,
-                                        temperature(), ce_weight, kl_weight)
-        chosen = [mx.stop_gradient(t_states[i]) for i in (layers or range(len(states)))]
-        hidden = hidden_state_mse(states, chosen, mask)
-        return loss + hidden_weight * hidden, {**parts, "hidden": hidden}
+            logits = student.decoder.project(hidden, at.rows)
+            loss, parts = distillation_loss(logits, teacher_logits(teacher, inputs, feats, pad, at.rows),
+                                            at.targets, at.mask, t, ce_weight, kl_weight)
+        else:
+            with backends.inference():
+                t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad,
+                                                                  at.rows)
+            states, logits = student.decoder.layer_states(inputs, feats, pad, at.rows)
+            loss, parts = distillation_loss(logits, mx.stop_gradient(t_logits), at.targets, at.mask,
+                                            t, ce_weight, kl_weight)
+            chosen = [mx.stop_gradient(t_states[i]) for i in (layers or range(len(states)))]
+            parts["hidden"] = hidden_state_mse(states, chosen, mask)
+            loss = loss + hidden_weight * parts["hidden"]
+        if untuned_kl_weight:
+            parts["untuned_kl"] = kl_distillation(logits, teacher_logits(untuned, inputs, feats, pad, at.rows),
+                                                  at.mask, t)
+            loss = loss + untuned_kl_weight * parts["untuned_kl"]
+        return loss, parts
     return loss_fn
 
 
 def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverConfig, out: Path,
             stage: str = "recover", resume: bool = False, fraction: float = 1.0,
-            evaluate: bool = True, force: bool = False) -> TrainResult:
+            evaluate: bool = True, force: bool = False, untuned: Optional[Whisper] = None) -> TrainResult:
     teacher.freeze()
+    if untuned is not None:
+        untuned.freeze()
     temperature = LearnableTemperature(cfg.temperature)
     trainer = Trainer(
         student, distill_loss_fn(teacher, temperature, cfg.ce_weight, cfg.kl_weight, cfg.hidden_weight,
-                                 teacher_layers(student)), cfg.train,
+                                 teacher_layers(student), untuned, cfg.untuned_kl_weight), cfg.train,
         run_folder(out), trainable_filter=["decoder."],
         extra_modules={"temperature": temperature},
         evaluate_fn=dev_evaluator(data, cfg.eval_limit) if evaluate else None,
         save_best=model_saver(Path(out), {"stage": stage, "ce_weight": cfg.ce_weight,
                                           "kl_weight": cfg.kl_weight, "hidden_weight": cfg.hidden_weight,
+                                          "untuned_kl_weight": cfg.untuned_kl_weight,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
@@ -150,15 +174,22 @@ def _configure(cfg, alpha: Optional[float] = None, beta: Optional[float] = None,
 
 
 TEACHER = ModelInput("teacher", "--teacher", "The fine-tuned (uncompressed) model folder.")
+UNTUNED = ModelInput("base", "--untuned", "The model the teacher was fine-tuned from, for recover."
+                     "untuned_kl_weight (default: the config's model, else whisper-base).", required=False)
+
+
+def untuned_model(i: StageInputs) -> Optional[Whisper]:
+    """The untuned model, loaded only when the regularisation uses it."""
+    return i.models["base"] if i.cfg.recover.untuned_kl_weight else None
 
 MERGED = Stage(
     name="merged", command="recover", config="recover",
     summary="Distil the frozen teacher into a merged decoder: λ·CE + γ·KL, learnable temperature.",
     inputs=(TEACHER, ModelInput("student", "--student", "A merged folder (default: merge the teacher).",
-                                required=False)),
+                                required=False), UNTUNED),
     student=merged_student,
     train=lambda s, i, out: recover(s, i.models["teacher"], i.data, i.cfg.recover, out,
-                                    resume=i.resume, force=i.force),
+                                    resume=i.resume, force=i.force, untuned=untuned_model(i)),
     options=(
         click.option("--alpha", type=click.FloatRange(min=0), default=None,
                      help=f"Weight of the lower layers when merging (default: the config's, {DEFAULT_ALPHA:g})."),
@@ -178,8 +209,9 @@ MERGED = Stage(
 REMOVED = Stage(
     name="removed", config="recover",
     summary="The layer-removal baseline, recovered like the merged model.",
-    inputs=(TEACHER,),
+    inputs=(TEACHER, UNTUNED),
     student=removed_student,
     train=lambda s, i, out: recover(s, i.models["teacher"], i.data, i.cfg.recover, out,
-                                    stage="recover-removed", resume=i.resume, force=i.force),
+                                    stage="recover-removed", resume=i.resume, force=i.force,
+                                    untuned=untuned_model(i)),
 )

@@ -47,16 +47,21 @@ class StageData:
 
     def batches(self, batch_size: int, seed: int, fraction: float = 1.0,
                 timestamp_prob: float = 0.0, pack_prob: float = 0.0,
-                model: Optional[Whisper] = None, prompt_prob: float = 0.0) -> Batcher:
+                model: Optional[Whisper] = None, prompt_prob: float = 0.0,
+                alternates: Optional[Sequence[Optional[TokenizedExample]]] = None,
+                alternate_prob: float = 0.0) -> Batcher:
         """Training batches; ``timestamp_prob`` of the clips with timestamped targets,
         ``pack_prob`` of the packed windows (encoded by ``model`` into the cache) as windows,
-        and ``prompt_prob`` of the items conditioned on the previous clip's text."""
-        items = self.train[: max(1, int(len(self.train) * fraction))]
+        ``prompt_prob`` of the items conditioned on the previous clip's text, and
+        ``alternate_prob`` of the clips trained on their ``alternates`` entry when it has one."""
+        n = max(1, int(len(self.train) * fraction))
+        items = self.train[:n]
         packs = training_packs(model, items, seed, pack_prob, [self.features])
         return Batcher(items, batch_size, seed=seed, features=self.features,
                        include_mel=self.features is None, timestamp_prob=timestamp_prob,
                        packs=packs, pack_prob=pack_prob, prompt_prob=prompt_prob,
-                       sot_prev=self.sot_prev)
+                       sot_prev=self.sot_prev, alternates=None if alternates is None else alternates[:n],
+                       alternate_prob=alternate_prob)
 
 
 def training_packs(model: Optional[Whisper], items: Sequence[TokenizedExample], seed: int,

@@ -13,6 +13,7 @@ from .packing import PackedWindow
 TIMESTAMP_STREAM = 0x7473  # keeps the timestamp draws apart from the batch plan's RNG
 PACK_DRAWS = 0x7064  # and the per-epoch draws of the packs shown
 PROMPT_STREAM = 0x7072  # and the draws of the items conditioned on the text before them
+ALTERNATE_STREAM = 0x736b  # and the draws of the clips trained on their alternate target
 # The stages' default share of clips trained with timestamps: Distil-Whisper's 50 %, which
 # kept its long-form ability while half the clips still train the plain text task the
 # dev set is scored on.
@@ -57,7 +58,8 @@ class Batcher:
                  features: Optional[FeatureCache] = None, include_mel: bool = True,
                  timestamp_prob: float = 0.0, packs: Sequence[PackedWindow] = (),
                  pack_prob: float = 0.0, prompt_prob: float = 0.0, sot_prev: Optional[int] = None,
-                 prompt_limit: int = 223):
+                 prompt_limit: int = 223, alternates: Optional[Sequence[Optional[TokenizedExample]]] = None,
+                 alternate_prob: float = 0.0):
         if not items:
             raise ValueError("Batcher needs at least one item")
         if not 0.0 <= pack_prob <= 1.0:
@@ -76,6 +78,11 @@ class Batcher:
         if prompt_prob and sot_prev is None:
             raise ValueError("prompt_prob needs the <|startofprev|> token id (sot_prev)")
         self.prompt_prob, self.sot_prev, self.prompt_limit = prompt_prob, sot_prev, prompt_limit
+        if not 0.0 <= alternate_prob <= 1.0:
+            raise ValueError(f"alternate_prob must be between 0 and 1, not {alternate_prob}")
+        if alternate_prob and (alternates is None or len(alternates) != len(items)):
+            raise ValueError("alternate_prob needs one alternate (or None) per item")
+        self.alternates, self.alternate_prob = alternates, alternate_prob
         self._draw_cache: dict[tuple[int, int, int], np.ndarray] = {}
         self.eot = int(items[0].tokens[-1])
         self.epoch, self.index = 0, 0
@@ -173,6 +180,10 @@ class Batcher:
         """The items of ``idx``, each with or without timestamps and the previous text as
         drawn for this epoch."""
         items = [self.items[i] for i in idx]
+        if self.alternate_prob:  # e.g. the teacher's transcript in place of the human one (seqkd.py)
+            draws = self._draws(ALTERNATE_STREAM, self.alternate_prob)
+            items = [self.alternates[i] if i < self.n_clips and draws[i] and self.alternates[i] is not None
+                     else x for i, x in zip(idx, items)]
         if self.timestamp_prob:
             draws = self._draws(TIMESTAMP_STREAM, self.timestamp_prob)
             # packs (past the clips) carry their timestamps already

@@ -16,10 +16,14 @@ logits alone.
 fine-tuned from. It shares the frozen encoder (and so the cached features) when the
 fine-tuning froze the encoder, the default; otherwise its decoder reads the teacher's
 encoder features, an approximation.
+
+``seqkd_prob`` adds sequence-level KD (seqkd.py): a share of the clips train on the
+teacher's own greedy transcript instead of the human one.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,6 +32,7 @@ import click
 import mlx.core as mx
 
 from .. import backends
+from ..decoding import tokenizer_for
 from ..folders import run_folder
 from ..model import Whisper
 from ..surgery import DEFAULT_ALPHA, DEFAULT_BETA, Surgery, compress
@@ -35,8 +40,11 @@ from .common import (StageData, audio_padding, decoder_input, dev_evaluator, mod
                      teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss, hidden_state_mse, kl_distillation
+from .seqkd import kept_share, pseudo_labelled, teacher_transcripts
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
+
+log = logging.getLogger("mlx_baldwhisper")
 
 
 @dataclass
@@ -63,6 +71,11 @@ class RecoverConfig:
     # weight of T²·KL(untuned_T ‖ student_T) on the same batches (0: off), so the student
     # stays close to Whisper's general ability, not only to the teacher's tuned outputs.
     untuned_kl_weight: float = 0.0
+    # Sequence-level KD (seqkd.py): share of the clips trained, each epoch, on the teacher's
+    # greedy transcript instead of the human one (0: off); transcripts further than
+    # seqkd_max_wer from the human one are not used (None: all are).
+    seqkd_prob: float = 0.0
+    seqkd_max_wer: Optional[float] = None
 
 
 def teacher_layers(student: Whisper) -> list[int]:
@@ -131,11 +144,20 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
         save_best=model_saver(Path(out), {"stage": stage, "ce_weight": cfg.ce_weight,
                                           "kl_weight": cfg.kl_weight, "hidden_weight": cfg.hidden_weight,
                                           "untuned_kl_weight": cfg.untuned_kl_weight,
+                                          "seqkd_prob": cfg.seqkd_prob, "seqkd_max_wer": cfg.seqkd_max_wer,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data, stage=stage, train_fraction=fraction),
     )
+    alternates = None
+    if cfg.seqkd_prob:
+        texts = teacher_transcripts(teacher, data, run_folder(out) / "teacher_transcripts.json")
+        alternates = pseudo_labelled(data.train, texts, tokenizer_for(teacher, data.language),
+                                     cfg.seqkd_max_wer)
+        log.info("sequence-level KD: teacher transcripts usable for %.0f%% of the clips",
+                 100 * kept_share(alternates))
     return trainer.train(data.batches(cfg.batch_size, cfg.train.seed, fraction, cfg.timestamp_prob,
-                                      cfg.pack_prob, student, cfg.prompt_prob), resume=resume)
+                                      cfg.pack_prob, student, cfg.prompt_prob, alternates,
+                                      cfg.seqkd_prob), resume=resume)
 
 
 def merging(choice: dict, groups: Optional[str]) -> Surgery:

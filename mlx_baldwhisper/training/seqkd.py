@@ -33,7 +33,7 @@ from ..tokenizer import Tokenizer
 from . import distributed
 from .common import StageData
 
-MAX_BYTES = 2048  # a transcript's UTF-8 bytes in the gather; a longer one keeps the human target
+MAX_BYTES = 4096  # a transcript's UTF-8 bytes in the gather; a longer one keeps the human target
 
 
 def teacher_transcripts(teacher: Whisper, data: StageData, path: Path) -> list[str]:

@@ -112,9 +112,10 @@ def main(teacher_run, config, out, variants, train, dev, language, cache_dir, pr
         done = out_dir / name / "results.json"
         finished = done.exists() and all(s in json.loads(done.read_text())["stages"] for s in stages.split(","))
         clock = out_dir / f"{name}.seconds"
+        cfg = merged(base, VARIANTS[name])
+        steps = f"search,{stages}" if cfg.get("search") is not None else stages  # the merged stage needs it
         if not finished:
-            clock.write_text(str(round(run_variant(name, merged(base, VARIANTS[name]), Path(teacher_run),
-                                                   out_dir, args, procs, stages), 1)))
+            clock.write_text(str(round(run_variant(name, cfg, Path(teacher_run), out_dir, args, procs, steps), 1)))
         seconds = float(clock.read_text()) if clock.exists() else None
         lines.append(row(name, json.loads(done.read_text()), seconds))
         (out_dir / "ablation.md").write_text("\n".join(lines) + "\n")

@@ -99,3 +99,30 @@ def test_bad_search_settings_are_refused():
         MergeSearchConfig(method="bayes")
     with pytest.raises(ValueError, match="ratios"):
         MergeSearchConfig(ratios=(0.1, 1.0))
+
+
+def test_many_groups_are_drawn_not_enumerated():
+    """A 24-layer decoder has 12 pairs: 6^12 combinations are never listed."""
+    cfg = MergeSearchConfig(trials=20)
+    got = candidates(cfg, 12, seed=3)
+    assert len(got) == 20 == len(set(got)) and got[:6] == [(r,) * 12 for r in cfg.ratios]
+
+
+def test_trials_are_reused_only_under_the_same_settings(tmp_path, stubbed):
+    cfg = MergeSearchConfig(ratios=(0.0, 0.1, 0.5), per_group=False)
+    merge_search(TEACHER, None, cfg, tmp_path / "k", GROUPS)
+    assert len(stubbed) == 3
+    merge_search(TEACHER, None, cfg, tmp_path / "k", GROUPS)
+    assert len(stubbed) == 3  # same settings: reused
+    merge_search(TEACHER, None, cfg, tmp_path / "k", GROUPS, resume=False)
+    assert len(stubbed) == 6  # --no-resume: trained again
+    cfg.train_fraction = 0.5
+    merge_search(TEACHER, None, cfg, tmp_path / "k", GROUPS)
+    assert len(stubbed) == 9  # other recovery data: trained again
+
+
+def test_the_search_refuses_the_untuned_term():
+    from mlx_baldwhisper.training.recover import RecoverConfig
+
+    with pytest.raises(ValueError, match="untuned_kl_weight is not supported"):
+        MergeSearchConfig(recover=RecoverConfig(untuned_kl_weight=0.1))

@@ -136,3 +136,24 @@ def test_the_same_seed_gives_the_same_weights_twice(corpus):
         assert first[stage].keys() == second[stage].keys()
         assert all((first[stage][k] == second[stage][k]).all() for k in first[stage]), stage
     assert any(not (first["final"][k] == other["final"][k]).all() for k in first["final"])
+
+
+def test_the_untuned_model_stays_untuned_when_the_teacher_trains_in_the_same_run(corpus):
+    """The teacher stage trains a copy: recover.untuned_kl_weight then pulls towards the
+    starting weights, not the fine-tuned ones."""
+    config = tiny_config(str(corpus / "start"))
+    config.update(search=None, audio_context=None, long_form_seconds=0, merge_groups="0;1,2,3")
+    config["recover"] = {**config["recover"], "untuned_kl_weight": 0.5}
+    cfg = RecipeConfig.from_dict(config)
+    recipe = Recipe(str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(corpus / "u"), cfg,
+                    stages=("teacher", "merged"))
+    recipe.run()
+    start, base = _weights(corpus / "start"), recipe.inputs.models["base"].parameters()
+    from mlx.utils import tree_flatten
+    import numpy as np
+
+    flat = {k: np.array(v) for k, v in tree_flatten(base)}
+    assert all((flat[k] == start[k]).all() for k in start)
+    teacher = _weights(corpus / "u" / "teacher")
+    assert any(not (teacher[k] == start[k]).all() for k in start)
+    assert json.loads((corpus / "u" / "merged" / "config.json").read_text())["training"][-1]["untuned_kl_weight"] == 0.5

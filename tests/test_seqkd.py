@@ -34,9 +34,13 @@ def test_pseudo_labels_keep_prompt_and_segment_end_and_obey_the_filter(data):
     assert labels[0].timestamp_tokens[-2] == first.timestamp_tokens[-2]
     assert labels[0].timestamp_tokens[first.prompt_length:-2].tolist() == ids
     assert labels[1] is None  # empty transcript
-    # "sannu da zuwa" + 3 insertions: WER 1.0 > 0.5; "yaya aiki" vs 3 other words: WER 1.5
+    # clip 2 ("yaya aiki") vs 6 other words: WER 3.0; clip 3 ("na gode sosai") vs 3 other words: 1.0
     assert labels[2] is None and labels[3] is None
     assert seqkd.pseudo_labelled(d.train, texts, tk)[2] is not None  # no filter: kept
+    # at the boundary: clip 1 ("sannu da zuwa") with one word wrong is WER 1/3
+    near = ["", "sannu da zuwaa", "", ""]
+    assert seqkd.pseudo_labelled(d.train, near, tk, max_wer=1 / 3)[1] is not None
+    assert seqkd.pseudo_labelled(d.train, near, tk, max_wer=0.3)[1] is None
     assert seqkd.kept_share(labels) == 0.25
 
 
@@ -83,7 +87,8 @@ def test_recover_with_seqkd_trains_and_records_it(data, tmp_path):
                         batch_size=2, eval_limit=1, seqkd_prob=1.0)
     result = recover(student, model, d, cfg, tmp_path / "rec")
     assert result.status == "completed"
-    assert (tmp_path / "rec.run" / "teacher_transcripts.json").exists()
+    assert seqkd.transcripts_path(model, d, tmp_path / "rec.run").exists()
+    assert seqkd.transcripts_path(model, d, tmp_path).parent == d.features.directory / "transcripts"
     record = json.loads((tmp_path / "rec" / "config.json").read_text())["training"][-1]
     assert record["seqkd_prob"] == 1.0
 

@@ -27,8 +27,8 @@ from ..audio_context import DEFAULT_BLOCK, DEFAULT_MARGIN, AudioContext
 from ..features import FeatureCache, pad_stack, speech_frames
 from ..folders import run_folder
 from ..model import Whisper, padding_mask
-from .common import (StageData, audio_padding, cache_features_shared, dev_evaluator, model_saver,
-                     stage_settings, training_packs, scored)
+from .common import (StageData, audio_padding, cache_features_shared, dev_evaluator, model_copy,
+                     model_saver, stage_settings, training_packs, scored)
 from .data import PACK_PROB, PROMPT_PROB, Batcher
 from .packing import PackedWindow
 from .losses import distillation_loss, hidden_state_mse
@@ -101,12 +101,8 @@ class ShortContextBatcher(Batcher):
 
 
 def frozen_copy(model: Whisper) -> Whisper:
-    """The same weights in a model of its own: MLX arrays are immutable, and training
-    gives the student new arrays, so sharing them leaves this copy as it was."""
-    copy = Whisper(model.dims, model.alignment_heads)
-    copy.update(model.parameters())
-    copy.extra_config, copy.source = dict(model.extra_config), model.source
-    copy.tokenizer_dir = model.tokenizer_dir
+    """The teacher: the same weights, frozen, in a model of its own (``model_copy``)."""
+    copy = model_copy(model)
     copy.freeze()
     return copy
 

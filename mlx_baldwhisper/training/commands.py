@@ -269,8 +269,8 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
         search.dev_limit = opts.eval_limit or search.dev_limit
         opts.check_outputs(recipe=True)
         t = opts.with_language_token(load_model(teacher), recipe.language_token)
-        found = merge_search(t, opts.data(t), search, Path(opts.out), recipe.merge_groups)
-        best = min(found["trials"], key=lambda x: (x["wer"], x["cer"]))
+        found = merge_search(t, opts.data(t), search, Path(opts.out), recipe.merge_groups, opts.resume)
+        best = max((t for t in found["trials"] if t["ratios"] == found["ratios"]), key=lambda t: t["steps"])
         chosen = found["merge_weights"] or f"alpha={found['alpha']:g} beta={found['beta']:g}"
         click.echo(f"best {chosen} (ratios {found['ratios']}): dev WER "
                    f"{100 * best['wer']:.2f}%  CER {100 * best['cer']:.2f}%; "

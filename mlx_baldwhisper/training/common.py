@@ -265,6 +265,17 @@ def save_model_folder(model: Whisper, folder: Path, record: Optional[dict[str, A
         model.extra_config = saved
 
 
+def model_copy(model: Whisper) -> Whisper:
+    """The same weights in a model of its own: MLX arrays are immutable and training gives
+    the trained model new arrays, so the original stays as it was (and costs no memory
+    until then)."""
+    copy = Whisper(model.dims, model.alignment_heads)
+    copy.update(model.parameters())
+    copy.extra_config, copy.source = dict(model.extra_config), model.source
+    copy.tokenizer_dir = model.tokenizer_dir
+    return copy
+
+
 def write_json(path: Path, data: Any) -> None:
     """Replace ``path`` whole (a killed process leaves the old or the new file); a full
     disk is a DiskFullError naming it."""

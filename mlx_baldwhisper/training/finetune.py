@@ -16,7 +16,7 @@ import click
 
 from ..folders import run_folder
 from ..model import Whisper
-from .common import StageData, ce_loss, dev_evaluator, model_saver, stage_settings
+from .common import StageData, ce_loss, dev_evaluator, model_copy, model_saver, stage_settings
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
@@ -66,7 +66,7 @@ STAGE = Stage(
     summary="Fine-tune on a language (the teacher).",
     inputs=(ModelInput("base", "--model", "Starting model (default: the config's, else the embedded base).",
                        required=False),),
-    student=lambda i: i.models["base"],
+    student=lambda i: model_copy(i.models["base"]),  # the base stays untuned (recover.untuned_kl_weight)
     train=lambda s, i, out: finetune(s, i.data, i.cfg.finetune, out, resume=i.resume, force=i.force),
     options=(click.option("--full", is_flag=True, help="Train the encoder too (slow; no feature cache)."),),
     configure=_configure,

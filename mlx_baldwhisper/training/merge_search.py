@@ -5,21 +5,23 @@ r = α/(α+β), so a candidate is one r per merge group. Each trial merges the t
 with its ratios, recovers briefly on a fraction of the training set and is scored by
 WER on part of the dev set (the paper: 30 Bayesian-optimisation trials). Successive
 halving spends the budget where it matters: every candidate trains a short budget,
-the best 1/η go on with η times the steps, until the next rung would hold one. The uniform ratios
+the best 1/η are trained again (from the merge) with η times the steps, until the next
+rung would hold one. The uniform ratios
 (one r for every group) come first, then per-group combinations drawn from the seed.
 ``method="grid"`` is the older search: every uniform ratio once, at the first budget.
 
 Every trial is logged with its steps and seconds, and an interrupted search reuses the
-trials it finished.
+trials it finished under the same settings (teacher, data, recovery, groups).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -56,6 +58,9 @@ class MergeSearchConfig:
             raise ValueError(f"search ratios must lie in [0, 1), got {self.ratios}")
         if self.trials < 1 or self.eta < 2:
             raise ValueError(f"search needs trials >= 1 and eta >= 2, got {self.trials}, {self.eta}")
+        if getattr(self.recover, "untuned_kl_weight", 0):
+            raise ValueError("search.recover.untuned_kl_weight is not supported: the trials have no "
+                             "untuned model; set it in recover only")
 
 
 def merge_groups_of(n_layers: int, groups: Optional[str]) -> list[list[int]]:
@@ -91,13 +96,24 @@ def candidates(cfg: MergeSearchConfig, n_groups: int, seed: int) -> list[tuple[f
     uniform = [(r,) * n_groups for r in cfg.ratios]
     if cfg.method == "grid" or not cfg.per_group or n_groups < 2:
         return uniform if cfg.method == "grid" else uniform[:cfg.trials]
-    mixed = [c for c in itertools.product(cfg.ratios, repeat=n_groups) if len(set(c)) > 1]
-    order = np.random.default_rng([int(seed), 17]).permutation(len(mixed))
-    return (uniform + [mixed[i] for i in order])[:max(cfg.trials, 1)]
+    wanted = cfg.trials - len(uniform)
+    mixed_count = len(cfg.ratios) ** n_groups - len(cfg.ratios)
+    rng = np.random.default_rng([int(seed), 17])
+    if wanted <= 0:
+        return uniform[:cfg.trials]
+    if wanted >= mixed_count:  # every combination (few: small models)
+        mixed = [c for c in itertools.product(cfg.ratios, repeat=n_groups) if len(set(c)) > 1]
+        return uniform + [mixed[i] for i in rng.permutation(len(mixed))]
+    drawn: list[tuple[float, ...]] = []  # drawn, never enumerated: 6^12 pairs for a 24-layer decoder
+    while len(drawn) < wanted:
+        c = tuple(float(x) for x in rng.choice(cfg.ratios, size=n_groups))
+        if len(set(c)) > 1 and c not in drawn:
+            drawn.append(c)
+    return uniform + drawn
 
 
 def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out: Path,
-                 groups: Optional[str] = None) -> dict:
+                 groups: Optional[str] = None, resume: bool = True) -> dict:
     """Returns the winner's {"alpha", "beta", "merge_weights", "ratios"}, every trial and
     the search's cost. Trials go to ``out/trials.jsonl``, replaced whole after each one (a
     full disk: DiskFullError naming it, the earlier list kept)."""
@@ -105,7 +121,8 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
         claim_run_folder(out)
     score = dev_evaluator(data, cfg.dev_limit)
     merged = merge_groups_of(teacher.dims.n_text_layer, groups)
-    done = _finished_trials(out / "trials.jsonl")
+    settings = _settings_key(teacher, data, cfg, groups)
+    done = [t for t in _finished_trials(out / "trials.jsonl") if t.get("settings") == settings] if resume else []
     trials: list[dict] = []
 
     def trial(ratios: tuple[float, ...], steps: int) -> dict:
@@ -121,7 +138,7 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
         recover(student, teacher, data, rec, out / f"trial-r{name}-s{steps}", stage="merge-search",
                 fraction=cfg.train_fraction, evaluate=False)
         return {"ratios": list(ratios), "steps": steps, **choice, **score(student),
-                "seconds": round(time.perf_counter() - start, 1)}
+                "seconds": round(time.perf_counter() - start, 1), "settings": settings}
 
     pool, steps = candidates(cfg, searched(merged), cfg.recover.train.seed), cfg.recover.train.max_steps
     while True:
@@ -141,6 +158,21 @@ def merge_search(teacher: Whisper, data: StageData, cfg: MergeSearchConfig, out:
             "ratios": best["ratios"], "method": cfg.method, "trials": trials,
             "trial_steps": sum(t["steps"] for t in trials),
             "trial_seconds": round(sum(t["seconds"] for t in trials), 1)}
+
+
+def _settings_key(teacher: Whisper, data: Optional[StageData], cfg: MergeSearchConfig,
+                  groups: Optional[str]) -> str:
+    """What a trial's score depends on besides its ratios and steps: a finished trial is
+    reused only under the same teacher weights, data, recovery settings and groups."""
+    from .seqkd import weights_fingerprint
+
+    recover = asdict(cfg.recover)
+    recover["train"].pop("max_steps")
+    parts = {"teacher": weights_fingerprint(teacher) if hasattr(teacher, "parameters") else repr(teacher),
+             "train": [it.name for it in data.train] if data is not None else None,
+             "dev": [it.name for it in data.dev[:cfg.dev_limit]] if data is not None else None,
+             "recover": recover, "train_fraction": cfg.train_fraction, "groups": groups}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _finished_trials(path: Path) -> list[dict]:

@@ -82,7 +82,9 @@ class RecipeConfig:
 
     def merge_choice(self) -> dict[str, Any]:
         """The configured merge weights (used when there is no search)."""
-        return {"alpha": self.alpha, "beta": self.beta, "merge_weights": self.merge_weights}
+        if self.merge_weights:
+            return {"alpha": None, "beta": None, "merge_weights": self.merge_weights}
+        return {"alpha": self.alpha, "beta": self.beta, "merge_weights": None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RecipeConfig":
@@ -271,7 +273,7 @@ class Recipe:
             self._require("search")
             t0 = time.perf_counter()
             found = merge_search(self.inputs.models["teacher"], self.inputs.data, self.cfg.search,
-                                 self.out / "search", self.cfg.merge_groups)
+                                 self.out / "search", self.cfg.merge_groups, self.resume)
             found["seconds"] = round(time.perf_counter() - t0, 1)
             self.results["search"] = found
             self._save_results()
@@ -301,7 +303,10 @@ class Recipe:
         new = json.loads(json.dumps({"train": self.train, "dev": self.dev, **self.cfg.to_dict()},
                                     default=str))
         if path.exists() and self.resume:
-            check_resumable(self.out, json.loads(path.read_text()), new)
+            old = json.loads(path.read_text())
+            if self.results_path.exists() and "search" in json.loads(self.results_path.read_text()):
+                old.pop("search", None)  # done and recorded: its settings (or defaults) may change
+            check_resumable(self.out, old, new)
         if is_main():
             write_json(path, new)
 

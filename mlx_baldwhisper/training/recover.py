@@ -40,7 +40,7 @@ from .common import (StageData, audio_padding, decoder_input, dev_evaluator, mod
                      teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
 from .losses import LearnableTemperature, distillation_loss, hidden_state_mse, kl_distillation
-from .seqkd import kept_share, pseudo_labelled, teacher_transcripts
+from .seqkd import kept_share, pseudo_labelled, teacher_transcripts, transcripts_path
 from .stage import ModelInput, Stage, StageInputs
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -150,7 +150,7 @@ def recover(student: Whisper, teacher: Whisper, data: StageData, cfg: RecoverCon
     )
     alternates = None
     if cfg.seqkd_prob:
-        texts = teacher_transcripts(teacher, data, run_folder(out) / "teacher_transcripts.json")
+        texts = teacher_transcripts(teacher, data, transcripts_path(teacher, data, run_folder(out)))
         alternates = pseudo_labelled(data.train, texts, tokenizer_for(teacher, data.language),
                                      cfg.seqkd_max_wer)
         log.info("sequence-level KD: teacher transcripts usable for %.0f%% of the clips",
@@ -192,6 +192,8 @@ def _configure(cfg, alpha: Optional[float] = None, beta: Optional[float] = None,
     cfg.alpha = cfg.alpha if alpha is None else alpha
     cfg.beta = cfg.beta if beta is None else beta
     cfg.merge_groups = merge_groups or cfg.merge_groups
+    if alpha is not None or beta is not None:  # given on the command line: they win over the config's
+        cfg.merge_weights = None
     cfg.merge_weights = merge_weights or cfg.merge_weights
 
 

@@ -10,8 +10,10 @@ As in Distil-Whisper, a transcript far from the human one can be dropped
 (``seqkd_max_wer``): the clip then keeps its human target.
 
 The transcripts are decoded once per teacher (greedy, temperature 0, from the cached
-encoder features), each process its share, gathered over the group, and kept in the
-stage's run folder, so a resumed stage and every process read the same ones.
+encoder features), each process its share of every block of clips, gathered over the
+group block by block, and kept beside the feature cache under the teacher's weight hash,
+so the stages and search trials of a run, a resumed stage and every process read the
+same ones.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from ..dataset import TIME_PRECISION, TokenizedExample, timestamped
 from ..diskspace import replace_file
@@ -34,28 +37,69 @@ from . import distributed
 from .common import StageData
 
 MAX_BYTES = 4096  # a transcript's UTF-8 bytes in the gather; a longer one keeps the human target
+BLOCK = 32  # clips each process decodes between two gathers: keeps the processes in step
+
+
+def transcripts_path(teacher: Whisper, data: StageData, run: Path) -> Path:
+    """Beside the feature cache (shared by every stage and search trial of a run) when it
+    is on disk, else in the stage's run folder; named by the teacher's weights."""
+    name = f"{weights_fingerprint(teacher)[:16]}-{data.language}.json"
+    folder = getattr(data.features, "directory", None)
+    return (Path(folder) / "transcripts" if folder is not None else run) / name
 
 
 def teacher_transcripts(teacher: Whisper, data: StageData, path: Path) -> list[str]:
     """The teacher's greedy transcript of every training clip ("" where it has none),
-    read from ``path`` when an earlier run of this stage wrote it."""
+    read from ``path`` when an earlier run wrote it for this teacher and these clips."""
     names = [it.name for it in data.train]
     key = {"clips": names, "teacher": weights_fingerprint(teacher), "language": data.language}
-    try:
-        saved = json.loads(path.read_text())
-        if all(saved.get(k) == v for k, v in key.items()):
-            return saved["transcripts"]
-    except (OSError, ValueError, KeyError):
-        pass  # absent, torn or of another teacher: decode again
-    mine = list(range(distributed.rank(), len(names), distributed.size()))
-    rows = evaluate(teacher, [data.train[i] for i in mine], language=data.language,
-                    features=data.features, progress=distributed.is_main())["rows"]
-    by_name = {r["audio"]: r["hypothesis"] for r in rows}
-    texts = _gather({i: by_name.get(names[i], "") for i in mine}, len(names))
+    saved = _read(path, key)
+    # one answer for all processes: each decodes unless every one can read the file
+    if distributed.sum_floats([float(saved is not None)])[0] == distributed.size():
+        return saved
+    texts: list[str] = []
+    step = BLOCK * distributed.size()
+    bar = tqdm(total=len(names), desc="teacher transcripts", unit="clip", disable=not distributed.is_main())
+    for start in range(0, len(names), step):
+        block = list(range(start, min(start + step, len(names))))
+        mine = block[distributed.rank()::distributed.size()]
+        rows = evaluate(teacher, [data.train[i] for i in mine], language=data.language,
+                        features=data.features, progress=False)["rows"] if mine else []
+        by_name = {r["audio"]: r["hypothesis"] for r in rows}
+        texts += _gather({i - start: by_name.get(names[i], "") for i in mine}, len(block))
+        bar.update(len(block))
+    bar.close()
     if distributed.is_main():
-        claim_run_folder(path.parent)
+        if path.parent.name == "transcripts":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            claim_run_folder(path.parent)
         replace_file(path, json.dumps({**key, "transcripts": texts}, ensure_ascii=False))
     return texts
+
+
+def _read(path: Path, key: dict) -> Optional[list[str]]:
+    try:
+        saved = json.loads(path.read_text())
+        if all(saved.get(k) == v for k, v in key.items()) and len(saved["transcripts"]) == len(key["clips"]):
+            return saved["transcripts"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent, torn or of another teacher: decode again
+    return None
+
+
+def _gather(mine: dict[int, str], n: int) -> list[str]:
+    """Every process's transcripts of a block of ``n`` clips, in order: their UTF-8 bytes
+    summed over the group (each process fills only its own rows)."""
+    if distributed.size() == 1:
+        return [mine.get(i, "") if len(mine.get(i, "").encode("utf-8")) <= MAX_BYTES else "" for i in range(n)]
+    codes = np.zeros((n, MAX_BYTES), np.int32)
+    for i, text in mine.items():
+        raw = text.encode("utf-8")
+        if len(raw) <= MAX_BYTES:
+            codes[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+    codes = np.array(distributed.all_sum(mx.array(codes)))
+    return [bytes(row[row > 0].astype(np.uint8)).decode("utf-8", errors="replace") for row in codes]
 
 
 def weights_fingerprint(model: Whisper) -> str:
@@ -69,18 +113,6 @@ def weights_fingerprint(model: Whisper) -> str:
         h.update(f"\n{name} {w.dtype} {tuple(w.shape)}\n".encode())
         h.update(memoryview(w).cast("B"))
     return h.hexdigest()
-
-
-def _gather(mine: dict[int, str], n: int) -> list[str]:
-    """Every process's transcripts, in clip order: UTF-8 bytes summed over the group."""
-    codes = np.zeros((n, MAX_BYTES), np.int32)
-    for i, text in mine.items():
-        raw = text.encode("utf-8")
-        if len(raw) <= MAX_BYTES:
-            codes[i, :len(raw)] = np.frombuffer(raw, np.uint8)
-    if distributed.size() > 1:
-        codes = np.array(distributed.all_sum(mx.array(codes)))
-    return [bytes(row[row > 0].astype(np.uint8)).decode("utf-8", errors="replace") for row in codes]
 
 
 def pseudo_labelled(items: Sequence[TokenizedExample], transcripts: Sequence[str], tokenizer: Tokenizer,

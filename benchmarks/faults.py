@@ -54,20 +54,26 @@ def temp_files(out: Path, cache: Path) -> dict[str, set[str]]:
 
 
 def kill_once(args: list[str], out: Path, cache: Path, mode: str, rng: random.Random,
-              window: tuple[float, float]) -> Optional[list[str]]:
+              window: tuple[float, float], step_cap: Optional[int] = None) -> Optional[list[str]]:
     """Start the command and SIGKILL it: ``window`` seconds after it starts (mode "random"),
     or while it writes its 1st to 4th checkpoint, or its model folder. None if it ended
-    first; else the writes it was in the middle of."""
+    first; else the writes it was in the middle of.
+
+    ``step_cap`` bounds a random kill's progress: it comes at the latest a random moment
+    of the step after the run began its 1st to ``step_cap``-th checkpoint, so a fast
+    machine cannot finish the run before the trials end."""
     before = temp_files(out, cache)
-    nth = rng.randint(1, 4) if mode == "checkpoint" else 1
+    watched = "checkpoint" if mode == "random" else mode
+    nth = {"checkpoint": rng.randint(1, 4), "random": rng.randint(1, step_cap or 1)}.get(mode, 1)
+    linger = {"checkpoint": 0.06, "random": 0.15}.get(mode, 0.005)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + (rng.uniform(*window) if mode == "random" else 3600)
-    started: set[str] = set()  # the writes of this kind that this process began
+    started: set[str] = set()  # the writes of the watched kind that this process began
     while proc.poll() is None and time.monotonic() < deadline:
-        if mode != "random":
-            started |= temp_files(out, cache)[mode] - before[mode]
+        if mode != "random" or step_cap:
+            started |= temp_files(out, cache)[watched] - before[watched]
         if len(started) >= nth:
-            time.sleep(rng.uniform(0, 0.06 if mode == "checkpoint" else 0.005))
+            time.sleep(rng.uniform(0, linger))
             break
         time.sleep(0.001)
     if proc.poll() is not None:
@@ -94,7 +100,8 @@ def torn(out: Path) -> list[str]:
 
 
 def kill_trials(args: list[str], out: Path, cache: Path, training_kills: int, model_kills: int,
-                rng: random.Random, window: tuple[float, float]) -> tuple[list[list[str]], list[str]]:
+                rng: random.Random, window: tuple[float, float], step_cap: Optional[int] = None
+                ) -> tuple[list[list[str]], list[str]]:
     """Random and mid-checkpoint kills alternate while the run trains, then its model
     folder, written once the final evaluation ends, is hit in a few reruns. Returns where
     each kill landed, and anything found torn after one."""
@@ -104,7 +111,7 @@ def kill_trials(args: list[str], out: Path, cache: Path, training_kills: int, mo
         if len(kills) == training_kills + model_kills:
             break
         mode = ("random", "checkpoint")[attempt % 2] if len(kills) < training_kills else "model folder"
-        hit = kill_once(args, out, cache, mode, rng, window)
+        hit = kill_once(args, out, cache, mode, rng, window, step_cap)
         if hit is not None:  # None: the process ended before the kill
             kills.append(hit)
             broken += torn(out)

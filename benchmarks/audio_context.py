@@ -10,10 +10,12 @@ For each context: dev WER/CER of greedy decoding without timestamps (``evaluate`
 silence (the text must be empty), one recording just under 30 s and one of about
 --long-seconds, both made of consecutive dev clips and transcribed by ``transcribe()``
 with its defaults (timestamps, fallback, conditioning), scored like the dev clips.
-Each context's transcripts are also scored against the first context's ("vs first"):
-how far a short context moves the model from what it writes at full context, which is
-what the audio-context stage trains for and what matters when the references are out of
-reach of the model (stock whisper-base on a new language). The last line printed is JSON.
+Each context's transcripts are also scored against the first context's, or with
+--reference-model against that model's at full context ("vs reference"): how far a short
+context moves the model from what it (or the model it was taught from) writes at full
+context. That is what the audio-context stage trains for, and what can still be read when
+the human references are out of the model's reach (stock whisper-base on a new language).
+The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def _edge_cases(model, items, language, context, long_seconds):
 @click.option("--edge/--no-edge", default=False, help="Also the silence, near-30-s and long cases.")
 @click.option("--long-seconds", default=180.0, show_default=True)
 @click.option("--json", "json_path", default=None)
-def main(model, manifest, language, limit, batch_size, contexts, edge, long_seconds, json_path):
+@click.option("--reference-model", default=None,
+              help="Score the transcripts against this model's at full context (default: the "
+                   "first context's of --model).")
+def main(model, manifest, language, limit, batch_size, contexts, edge, long_seconds, json_path,
+         reference_model):
     from mlx_baldwhisper import load_model
     from mlx_baldwhisper.dataset import read_manifest
     from mlx_baldwhisper.decoding import DecodingOptions
@@ -78,26 +84,31 @@ def main(model, manifest, language, limit, batch_size, contexts, edge, long_seco
     evaluate(whisper, items[:2], language=language, options=options, progress=False)  # warm-up
     from mlx_baldwhisper.evaluate import error_counts, error_rates
 
-    rows, first = [], None
+    rows, reference = [], None
+    if reference_model:
+        ref = evaluate(load_model(reference_model), items, language=language, batch_size=batch_size,
+                       limit=limit, options=options, audio_context="full", progress=False)
+        reference = [u["hypothesis_norm"] for u in ref["rows"]]
     for c in names:
         r = evaluate(whisper, items, language=language, batch_size=batch_size, limit=limit,
                      options=options, audio_context=c, progress=False)
         hyps = [u["hypothesis_norm"] for u in r["rows"]]
-        first = first or hyps
-        pairs = [(f, h) for f, h in zip(first, hyps) if f]  # an empty first transcript scores nothing
+        reference = reference or hyps
+        pairs = [(f, h) for f, h in zip(reference, hyps) if f]  # an empty reference scores nothing
         agree = error_rates(error_counts([f for f, _ in pairs], [h for _, h in pairs]))
         row = {"context": c, "wer": round(r["wer"], 4), "cer": round(r["cer"], 4), "n": r["n"],
-               "eval_s": round(r["seconds"], 1), "wer_vs_first": round(agree["wer"], 4),
-               "cer_vs_first": round(agree["cer"], 4)}
+               "eval_s": round(r["seconds"], 1), "wer_vs_reference": round(agree["wer"], 4),
+               "cer_vs_reference": round(agree["cer"], 4)}
         if edge and c in (names[0], names[-1]):
             row["edge"] = _edge_cases(whisper, items, language, c, long_seconds)
         rows.append(row)
         print(json.dumps(row, ensure_ascii=False), flush=True)
-    print(f"| audio context | dev WER % | dev CER % | WER / CER % vs {names[0]} | clips | eval wall (s) |")
+    against = f"{reference_model} at full" if reference_model else names[0]
+    print(f"| audio context | dev WER % | dev CER % | WER / CER % vs {against} | clips | eval wall (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['context']} | {100 * r['wer']:.2f} | {100 * r['cer']:.2f} | "
-              f"{100 * r['wer_vs_first']:.2f} / {100 * r['cer_vs_first']:.2f} | {r['n']} | {r['eval_s']} |")
+              f"{100 * r['wer_vs_reference']:.2f} / {100 * r['cer_vs_reference']:.2f} | {r['n']} | {r['eval_s']} |")
     result = {"model": model, "manifest": manifest, "limit": limit, "rows": rows,
               "load_avg": os.getloadavg()}
     if json_path:

@@ -230,6 +230,36 @@ def test_stage_loss_falls_and_the_model_keeps_its_policy(corpus, tmp_path, train
     assert of_model(load_model(str(tmp_path / "short"))).mode == "dynamic"
 
 
+def test_both_forms_start_from_the_same_loss(corpus, tmp_path):
+    """The encoder-training form cuts each clip's mel to its context itself; the cheap form
+    reads features the cache encoded over that context. Before any update the two see the
+    same student input, so their first losses agree (the cache holds float16)."""
+    import json
+
+    from mlx_baldwhisper import load_model
+    from mlx_baldwhisper.training.audio_context import (AudioContextConfig, frozen_copy,
+                                                        teach_audio_context)
+    from mlx_baldwhisper.training.common import load_data
+    from mlx_baldwhisper.training.trainer import TrainConfig
+
+    first = {}
+    for train_encoder in (False, True):
+        model = load_model(str(corpus / "start"))
+        data = load_data(model, str(corpus / "train.tsv"), str(corpus / "dev.tsv"), "ha",
+                         str(tmp_path / "cache"))
+        cfg = AudioContextConfig(margin=16, jitter=16, batch_size=4, eval_limit=1,
+                                 train_encoder=train_encoder,
+                                 train=TrainConfig(lr=1e-6, warmup_steps=0, max_steps=1, log_every=1,
+                                                   progress=False, plot=False))
+        out = tmp_path / f"short-{train_encoder}"
+        teach_audio_context(model, frozen_copy(model), data, cfg, out)
+        rows = [json.loads(line) for line in (out.parent / (out.name + ".run") / "metrics.jsonl")
+                .read_text().splitlines()]
+        first[train_encoder] = next(r for r in rows if r["kind"] == "train")
+    for key in ("loss", "kl", "hidden"):
+        assert first[True][key] == pytest.approx(first[False][key], rel=2e-2, abs=1e-4), key
+
+
 def test_stage_command_runs_and_resumes_refusing_changed_settings(corpus):
     from click.testing import CliRunner
 

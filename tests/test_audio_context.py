@@ -201,8 +201,8 @@ def test_margins_spread_around_the_inference_margin():
     assert AudioContextConfig(margin=32, variants=1).margins() == [32]
 
 
-@pytest.mark.parametrize("train_encoder", [False, True])
-def test_stage_loss_falls_and_the_model_keeps_its_policy(corpus, tmp_path, train_encoder):
+def _teach(corpus, tmp_path, name: str, train_encoder: bool, lr: float, steps: int):
+    """The stage on the tiny corpus model (margin 16 ± 16, batch 4); its training records."""
     import json
 
     from mlx_baldwhisper import load_model
@@ -216,13 +216,21 @@ def test_stage_loss_falls_and_the_model_keeps_its_policy(corpus, tmp_path, train
                      str(tmp_path / "cache"))
     cfg = AudioContextConfig(margin=16, jitter=16, batch_size=4, eval_limit=2,
                              train_encoder=train_encoder,
-                             train=TrainConfig(lr=3e-3, warmup_steps=0, max_steps=12, log_every=1,
+                             train=TrainConfig(lr=lr, warmup_steps=0, max_steps=steps, log_every=1,
                                                progress=False, plot=False))
-    result = teach_audio_context(model, frozen_copy(model), data, cfg, tmp_path / "short")
+    result = teach_audio_context(model, frozen_copy(model), data, cfg, tmp_path / name)
     assert result.status == "completed"
-    rows = [json.loads(line) for line in
-            (tmp_path / "short.run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    rows = map(json.loads, (tmp_path / f"{name}.run" / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_stage_loss_falls_and_the_model_keeps_its_policy(corpus, tmp_path, train_encoder):
+    import json
+
+    from mlx_baldwhisper import load_model
+
+    losses = [r["loss"] for r in _teach(corpus, tmp_path, "short", train_encoder, 3e-3, 12)]
     assert losses[-1] < 0.5 * np.mean(losses[:3])  # batches differ: the first three's mean
     saved = json.loads((tmp_path / "short" / "config.json").read_text())
     assert saved["audio_context"] == {"mode": "dynamic", "margin": 16, "block": 16}
@@ -234,28 +242,7 @@ def test_both_forms_start_from_the_same_loss(corpus, tmp_path):
     """The encoder-training form cuts each clip's mel to its context itself; the cheap form
     reads features the cache encoded over that context. Before any update the two see the
     same student input, so their first losses agree (the cache holds float16)."""
-    import json
-
-    from mlx_baldwhisper import load_model
-    from mlx_baldwhisper.training.audio_context import (AudioContextConfig, frozen_copy,
-                                                        teach_audio_context)
-    from mlx_baldwhisper.training.common import load_data
-    from mlx_baldwhisper.training.trainer import TrainConfig
-
-    first = {}
-    for train_encoder in (False, True):
-        model = load_model(str(corpus / "start"))
-        data = load_data(model, str(corpus / "train.tsv"), str(corpus / "dev.tsv"), "ha",
-                         str(tmp_path / "cache"))
-        cfg = AudioContextConfig(margin=16, jitter=16, batch_size=4, eval_limit=1,
-                                 train_encoder=train_encoder,
-                                 train=TrainConfig(lr=1e-6, warmup_steps=0, max_steps=1, log_every=1,
-                                                   progress=False, plot=False))
-        out = tmp_path / f"short-{train_encoder}"
-        teach_audio_context(model, frozen_copy(model), data, cfg, out)
-        rows = [json.loads(line) for line in (out.parent / (out.name + ".run") / "metrics.jsonl")
-                .read_text().splitlines()]
-        first[train_encoder] = next(r for r in rows if r["kind"] == "train")
+    first = {e: _teach(corpus, tmp_path, f"short-{e}", e, 1e-6, 1)[0] for e in (False, True)}
     for key in ("loss", "kl", "hidden"):
         assert first[True][key] == pytest.approx(first[False][key], rel=2e-2, abs=1e-4), key
 

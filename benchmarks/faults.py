@@ -64,8 +64,12 @@ def kill_once(args: list[str], out: Path, cache: Path, mode: str, rng: random.Ra
     machine cannot finish the run before the trials end."""
     before = temp_files(out, cache)
     watched = "checkpoint" if mode == "random" else mode
-    nth = {"checkpoint": rng.randint(1, 4), "random": rng.randint(1, step_cap or 1)}.get(mode, 1)
-    linger = {"checkpoint": 0.06, "random": 0.15}.get(mode, 0.005)
+    if mode == "checkpoint":
+        nth, linger = rng.randint(1, 4), 0.06
+    elif mode == "random":
+        nth, linger = rng.randint(1, step_cap or 1), 0.15
+    else:
+        nth, linger = 1, 0.005
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + (rng.uniform(*window) if mode == "random" else 3600)
     started: set[str] = set()  # the writes of the watched kind that this process began

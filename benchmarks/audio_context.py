@@ -75,15 +75,13 @@ def main(model, manifest, language, limit, batch_size, contexts, edge, long_seco
     from mlx_baldwhisper import load_model
     from mlx_baldwhisper.dataset import read_manifest
     from mlx_baldwhisper.decoding import DecodingOptions
-    from mlx_baldwhisper.evaluate import evaluate
+    from mlx_baldwhisper.evaluate import error_counts, error_rates, evaluate
 
     whisper = load_model(model)
     items = read_manifest(manifest, language=language)
     options = DecodingOptions(without_timestamps=True, temperature=0.0, sample_len=128)
     names = [c.strip() for c in contexts.split(",") if c.strip()]
     evaluate(whisper, items[:2], language=language, options=options, progress=False)  # warm-up
-    from mlx_baldwhisper.evaluate import error_counts, error_rates
-
     rows, reference = [], None
     if reference_model:
         ref = evaluate(load_model(reference_model), items, language=language, batch_size=batch_size,

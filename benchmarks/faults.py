@@ -67,7 +67,7 @@ def kill_once(args: list[str], out: Path, cache: Path, mode: str, rng: random.Ra
     if mode == "checkpoint":
         nth, linger = rng.randint(1, 4), 0.06
     elif mode == "random":
-        nth, linger = rng.randint(1, step_cap or 1), 0.15
+        nth, linger = (rng.randint(1, step_cap) if step_cap else 1), 0.15  # no cap: no draw, as before
     else:
         nth, linger = 1, 0.005
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

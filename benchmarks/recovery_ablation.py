@@ -8,9 +8,11 @@
 Each variant is the shipped config with a few keys changed (VARIANTS below). Its run is
 ``OUT/<variant>``: the teacher of ``--teacher-run`` is copied in with its results entry,
 then ``mlx_baldwhisper recipe --stages merged,final`` runs in ``--procs`` processes (the
-ring backend on one machine, ranks started by hand as in RESULTS.md). A finished variant
-is not run again (its wall clock is kept in ``OUT/<variant>.seconds``). The table (dev WER/CER of teacher, merged and final, retention
-WER_teacher/WER_final, wall clock) goes to ``OUT/ablation.md`` and standard output.
+ring backend on one machine, ranks started by hand as in RESULTS.md); the ``removal``
+variant runs the ``removed`` stage instead. A finished variant is not run again (its wall
+clock is kept in ``OUT/<variant>.seconds``). The table (dev WER/CER of teacher, merged and
+final, retention WER_teacher/WER_final, the same for the merged model, wall clock) goes to
+``OUT/ablation.md`` and standard output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +40,11 @@ VARIANTS: dict[str, dict] = {
     "untuned": {"recover": {"untuned_kl_weight": 0.1}},
     # per-group α/β by successive halving (9 candidates, 3 go on with 3x the steps)
     "search": {"search": {"trials": 9, "eta": 3}},
+    # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept, recovered alike
+    "removal": {},
 }
+# Variants that run other stages than --stages (the removal baseline has no final model).
+STAGES: dict[str, str] = {"removal": "removed"}
 
 
 def merged(base: dict, change: dict) -> dict:
@@ -57,7 +64,7 @@ def run_variant(name: str, cfg: dict, teacher_run: Path, out: Path, args: list[s
         (run / "results.json").write_text(json.dumps(
             {"stages": {"teacher": teacher["stages"]["teacher"]}, "data": teacher.get("data", {})}, indent=1))
     (out / f"{name}.json").write_text(json.dumps(cfg, indent=1))
-    command = ["mlx_baldwhisper", "recipe", "--stages", stages, "--out", str(run),
+    command = [sys.executable, "-m", "mlx_baldwhisper", "recipe", "--stages", stages, "--out", str(run),
                "--config", str(out / f"{name}.json"), *args]
     hosts = out / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{5711 + r}"] for r in range(procs)]))
@@ -75,13 +82,14 @@ def run_variant(name: str, cfg: dict, teacher_run: Path, out: Path, args: list[s
 
 
 def row(name: str, results: dict, seconds: float | None) -> str:
+    """The removal baseline's model stands in the merged column (same size, same budget)."""
     s = results["stages"]
+    compressed = s.get("merged") or s.get("removed")
     cells = [name]
-    for stage in ("teacher", "merged", "final"):
-        r = s.get(stage)
+    for r in (s.get("teacher"), compressed, s.get("final")):
         cells.append(f"{100 * r['wer']:.2f} / {100 * r['cer']:.2f}" if r else "-")
-    retention = s["teacher"]["wer"] / s["final"]["wer"] if "final" in s else None
-    cells.append(f"{retention:.3f}" if retention else "-")
+    for r in (s.get("final"), compressed):
+        cells.append(f"{s['teacher']['wer'] / r['wer']:.3f}" if r else "-")
     cells.append(f"{seconds / 60:.0f} min" if seconds else "(earlier run)")
     return "| " + " | ".join(cells) + " |"
 
@@ -104,16 +112,17 @@ def main(teacher_run, config, out, variants, train, dev, language, cache_dir, pr
     base = json.loads(Path(config).read_text())
     args = ["--train", train, "--dev", dev, "--language", language,
             "--cache-dir", cache_dir or str(out_dir / "cache")]
-    lines = ["| variant | teacher WER / CER | merged WER / CER | final WER / CER | retention | wall clock |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | teacher WER / CER | merged WER / CER | final WER / CER | retention | "
+             "merged retention | wall clock |", "|---|---|---|---|---|---|---|"]
     for name in variants.split(","):
         if name not in VARIANTS:
             raise click.BadParameter(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+        runs = STAGES.get(name, stages)
         done = out_dir / name / "results.json"
-        finished = done.exists() and all(s in json.loads(done.read_text())["stages"] for s in stages.split(","))
+        finished = done.exists() and all(s in json.loads(done.read_text())["stages"] for s in runs.split(","))
         clock = out_dir / f"{name}.seconds"
         cfg = merged(base, VARIANTS[name])
-        steps = f"search,{stages}" if cfg.get("search") is not None else stages  # the merged stage needs it
+        steps = f"search,{runs}" if cfg.get("search") is not None else runs  # the merged stage needs it
         if not finished:
             clock.write_text(str(round(run_variant(name, cfg, Path(teacher_run), out_dir, args, procs, steps), 1)))
         seconds = float(clock.read_text()) if clock.exists() else None

@@ -3,9 +3,10 @@
 
     python benchmarks/recovery_ablation.py --teacher-run runs/s9 \
         --config benchmarks/hausa_recipe_longform.json --out runs/ablation \
-        --variants baseline,hidden,seqkd,early,untuned,search --procs 2
+        --variants baseline,hidden,seqkd,early,untuned,search,chosen,removal --procs 2
 
-Each variant is the shipped config with a few keys changed (VARIANTS below). Its run is
+Each variant is the shipped config with a few keys changed (VARIANTS below): each recovery
+idea alone, none of them (``baseline``), and the shipped combination (``chosen``). Its run is
 ``OUT/<variant>``: the teacher of ``--teacher-run`` is copied in with its results entry,
 then ``mlx_baldwhisper recipe --stages merged,final`` runs in ``--procs`` processes (the
 ring backend on one machine, ranks started by hand as in RESULTS.md); the ``removal``
@@ -28,19 +29,27 @@ from pathlib import Path
 
 import click
 
+# Each idea alone: the shipped config with the chosen recipe's own idea (hidden_weight) off
+# and this idea on; "chosen" is the shipped config as it is.
+ALONE = {"recover": {"hidden_weight": 0.0}}
 VARIANTS: dict[str, dict] = {
-    "baseline": {},
+    # none of the ideas: the config before issue 17
+    "baseline": ALONE,
     # intermediate-layer distillation: each merged layer matches its group's last teacher layer
     "hidden": {"recover": {"hidden_weight": 0.1}},
     # sequence-level KD: half the clips train on the teacher's transcript (WER <= 0.5 to the human one)
-    "seqkd": {"recover": {"seqkd_prob": 0.5, "seqkd_max_wer": 0.5}},
+    "seqkd": {"recover": {"hidden_weight": 0.0, "seqkd_prob": 0.5, "seqkd_max_wer": 0.5}},
     # the recovery budget chosen by dev WER: evaluate every 50 steps, stop after 2 without gain
-    "early": {"recover": {"eval_limit": 200, "train": {"max_steps": 700, "eval_every": 50, "patience": 2}}},
+    "early": {"recover": {"hidden_weight": 0.0, "eval_limit": 200,
+                          "train": {"max_steps": 700, "eval_every": 50, "patience": 2}}},
     # a pull towards the untuned whisper-base's outputs on the same batches
-    "untuned": {"recover": {"untuned_kl_weight": 0.1}},
+    "untuned": {"recover": {"hidden_weight": 0.0, "untuned_kl_weight": 0.1}},
     # per-group α/β by successive halving (9 candidates, 3 go on with 3x the steps)
-    "search": {"search": {"trials": 9, "eta": 3}},
-    # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept, recovered alike
+    "search": {**ALONE, "search": {"trials": 9, "eta": 3}},
+    # the shipped config unchanged: the chosen combination
+    "chosen": {},
+    # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept, recovered as
+    # the chosen recipe recovers the merged model
     "removal": {},
 }
 # Variants that run other stages than --stages (the removal baseline has no final model).

@@ -12,7 +12,7 @@ from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig
 from test_recipe import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from recovery_ablation import main  # noqa: E402
+from recovery_ablation import VARIANTS, main, merged  # noqa: E402
 
 
 def test_variants_share_one_teacher_and_fill_the_table(corpus):
@@ -33,6 +33,9 @@ def test_variants_share_one_teacher_and_fill_the_table(corpus):
     assert hidden["teacher"] == removal["teacher"] == teacher
     assert {"merged", "final"} <= set(hidden) and "removed" in removal and "final" not in removal
     assert json.loads((corpus / "ab" / "hidden" / "config.json").read_text())["recover"]["hidden_weight"] == 0.1
+    # the removal baseline recovers as the shipped config does; each idea alone turns the others off
+    assert json.loads((corpus / "ab" / "removal.json").read_text()) == base
+    assert merged(base, VARIANTS["seqkd"])["recover"]["hidden_weight"] == 0.0
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in done.output.splitlines() if line.startswith("| ")}
     assert rows["hidden"][4] == f"{teacher['wer'] / hidden['final']['wer']:.3f}"
     assert rows["removal"][2] == f"{100 * removal['removed']['wer']:.2f} / {100 * removal['removed']['cer']:.2f}"

@@ -69,13 +69,22 @@ def test_language_without_token_maps_to_an_existing_one(corpus):
 def test_stages_run_as_separate_processes_share_one_result(corpus):
     """``--stages`` splits the recipe (e.g. the removal baseline on the other core); the
     pieces land in one results.json, and a stage whose input is missing says which."""
-    cfg = RecipeConfig.from_dict(tiny_config(str(corpus / "start")))
-    cfg.search, cfg.merge_groups = None, "0;1,2,3"  # the tiny decoder: 4 layers -> 2
+    from click.testing import CliRunner
+
+    from mlx_baldwhisper.cli import main
+
+    config = {**tiny_config(str(corpus / "start")), "search": None, "merge_groups": "0;1,2,3"}
+    (corpus / "split.json").write_text(json.dumps(config))  # the tiny decoder: 4 layers -> 2
+    cfg = RecipeConfig.from_dict(config)
     train, dev, out = str(corpus / "train.tsv"), str(corpus / "dev.tsv"), str(corpus / "split")
     with pytest.raises(ValueError, match="stage 'teacher' is needed"):
         Recipe(train, dev, out, cfg, stages=("removed",)).run()
     Recipe(train, dev, out, cfg, stages=("untuned", "teacher")).run()
-    Recipe(train, dev, out, cfg, stages=("removed",)).run()
+    done = CliRunner().invoke(main, ["recipe", "--train", train, "--dev", dev, "--language", "ha",
+                                     "--out", out, "--config", str(corpus / "split.json"),
+                                     "--stages", "removed"])
+    assert done.exit_code == 0, done.output
+    assert done.output.rstrip().endswith(f"model: {corpus / 'split' / 'removed'}")  # not the teacher
     results = Recipe(train, dev, out, cfg, stages=("merged", "final")).run()
     assert set(results["stages"]) == {"untuned", "teacher", "merged", "removed", "final"}
     for name in ("merged", "removed"):

@@ -382,6 +382,7 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
                        err=True)
             raise SystemExit(130) from None
         click.echo((Path(opts.out) / "results.md").read_text())
-        done = [n for n in ("final", "merged", "teacher") if (Path(opts.out) / n).exists()]
+        # the last model this run's stages wrote (the removal baseline when only it ran)
+        done = [n for n in reversed(chosen or STEPS) if (Path(opts.out) / n / "config.json").exists()]
         if done:
             click.echo(f"model: {Path(opts.out) / done[0]}")

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import click
 
-# Each idea alone: the shipped config with the chosen recipe's own idea (hidden_weight) off
-# and this idea on; "chosen" is the shipped config as it is.
+# Each idea alone: the shipped config with the other ideas off (hidden_weight is the one a
+# config is likeliest to set) and this idea on; "chosen" is the shipped config as it is.
 ALONE = {"recover": {"hidden_weight": 0.0}}
 VARIANTS: dict[str, dict] = {
     # none of the ideas: the config before issue 17

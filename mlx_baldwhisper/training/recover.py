@@ -65,9 +65,8 @@ class RecoverConfig:
     # transcribe() conditions each window on the text before it.
     prompt_prob: float = PROMPT_PROB
     # Intermediate-layer distillation: weight of the MSE between each student layer's
-    # output and the teacher's after the last layer of its merge group (0: off). On by
-    # default: the recovery idea that won the Hausa ablation (benchmarks/RESULTS.md).
-    hidden_weight: float = 0.1
+    # output and the teacher's after the last layer of its merge group (0: off).
+    hidden_weight: float = 0.0
     # Regularisation towards the untuned model (the one the teacher was fine-tuned from):
     # weight of T²·KL(untuned_T ‖ student_T) on the same batches (0: off), so the student
     # stays close to Whisper's general ability, not only to the teacher's tuned outputs.

@@ -29,38 +29,40 @@ from pathlib import Path
 
 import click
 
-# Each idea alone: the shipped config with the other ideas off (hidden_weight is the one a
-# config is likeliest to set) and this idea on; "chosen" is the shipped config as it is.
-ALONE = {"recover": {"hidden_weight": 0.0}}
-VARIANTS: dict[str, dict] = {
-    # none of the ideas: the config before issue 17
-    "baseline": ALONE,
-    # intermediate-layer distillation: each merged layer matches its group's last teacher layer
-    "hidden": {"recover": {"hidden_weight": 0.1}},
-    # sequence-level KD: half the clips train on the teacher's transcript (WER <= 0.5 to the human one)
-    "seqkd": {"recover": {"hidden_weight": 0.0, "seqkd_prob": 0.5, "seqkd_max_wer": 0.5}},
-    # the recovery budget chosen by dev WER: evaluate every 50 steps, stop after 2 without gain
-    "early": {"recover": {"hidden_weight": 0.0, "eval_limit": 200,
-                          "train": {"max_steps": 700, "eval_every": 50, "patience": 2}}},
-    # a pull towards the untuned whisper-base's outputs on the same batches
-    "untuned": {"recover": {"hidden_weight": 0.0, "untuned_kl_weight": 0.1}},
-    # per-group α/β by successive halving (9 candidates, 3 go on with 3x the steps)
-    "search": {**ALONE, "search": {"trials": 9, "eta": 3}},
-    # the shipped config unchanged: the chosen combination
-    "chosen": {},
-    # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept, recovered as
-    # the chosen recipe recovers the merged model
-    "removal": {},
-}
-# Variants that run other stages than --stages (the removal baseline has no final model).
-STAGES: dict[str, str] = {"removal": "removed"}
-
 
 def merged(base: dict, change: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in change.items():
         out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
+
+
+# Every recovery idea off: the config before issue 17.
+NONE = {"recover": {"hidden_weight": 0.0, "seqkd_prob": 0.0, "untuned_kl_weight": 0.0,
+                    "train": {"patience": None}}, "search": None}
+IDEAS: dict[str, dict] = {
+    # intermediate-layer distillation: each merged layer matches its group's last teacher layer
+    "hidden": {"recover": {"hidden_weight": 0.1}},
+    # sequence-level KD: half the clips train on the teacher's transcript (WER <= 0.5 to the human one)
+    "seqkd": {"recover": {"seqkd_prob": 0.5, "seqkd_max_wer": 0.5}},
+    # the recovery budget chosen by dev WER: evaluate every 50 steps, stop after 2 without gain
+    "early": {"recover": {"eval_limit": 200, "train": {"max_steps": 700, "eval_every": 50, "patience": 2}}},
+    # a pull towards the untuned whisper-base's outputs on the same batches
+    "untuned": {"recover": {"untuned_kl_weight": 0.1}},
+    # per-group α/β by successive halving (9 candidates, 3 go on with 3x the steps)
+    "search": {"search": {"trials": 9, "eta": 3}},
+}
+# Each idea alone is the shipped config with the others off and it on; "chosen" is the
+# shipped config as it is, and the removal baseline recovers as it does.
+VARIANTS: dict[str, dict] = {
+    "baseline": NONE,
+    **{name: merged(NONE, idea) for name, idea in IDEAS.items()},
+    "chosen": {},
+    # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept
+    "removal": {},
+}
+# Variants that run other stages than --stages (the removal baseline has no final model).
+STAGES: dict[str, str] = {"removal": "removed"}
 
 
 def run_variant(name: str, cfg: dict, teacher_run: Path, out: Path, args: list[str], procs: int,

@@ -3,7 +3,7 @@
 
     python benchmarks/recovery_ablation.py --teacher-run runs/s9 \
         --config benchmarks/hausa_recipe_longform.json --out runs/ablation \
-        --variants baseline,hidden,seqkd,early,untuned,search,chosen,removal --procs 2
+        --variants baseline,hidden,seqkd,early,untuned,search,chosen,removal --procs 2 [--seed N]
 
 Each variant is the shipped config with a few keys changed (VARIANTS below): each recovery
 idea alone, none of them (``baseline``), and the shipped combination (``chosen``). Its run is
@@ -39,10 +39,15 @@ def merged(base: dict, change: dict) -> dict:
 
 # Every recovery idea off: the config before issue 17.
 NONE = {"recover": {"hidden_weight": 0.0, "seqkd_prob": 0.0, "untuned_kl_weight": 0.0,
-                    "train": {"patience": None}}, "search": None}
+                    "train": {"patience": None}},
+        "shear": {"hidden_weight": 0.0, "train": {"eval_every": 0}}, "search": None}
 IDEAS: dict[str, dict] = {
     # intermediate-layer distillation: each merged layer matches its group's last teacher layer
     "hidden": {"recover": {"hidden_weight": 0.1}},
+    # the same, kept on through the shear stage (its layers still map through the merge record)
+    "hidden-both": {"recover": {"hidden_weight": 0.1}, "shear": {"hidden_weight": 0.1}},
+    # the shear checkpoint chosen by dev WER: scored every 75 of its 300 steps, the best kept
+    "shear-best": {"shear": {"train": {"eval_every": 75}}},
     # sequence-level KD: half the clips train on the teacher's transcript (WER <= 0.5 to the human one)
     "seqkd": {"recover": {"seqkd_prob": 0.5, "seqkd_max_wer": 0.5}},
     # the recovery budget chosen by dev WER: evaluate every 50 steps, stop after 2 without gain
@@ -57,6 +62,9 @@ IDEAS: dict[str, dict] = {
 VARIANTS: dict[str, dict] = {
     "baseline": NONE,
     **{name: merged(NONE, idea) for name, idea in IDEAS.items()},
+    # intermediate-layer distillation in both stages and the dev-chosen shear checkpoint
+    "hidden-both-best": merged(NONE, {"recover": {"hidden_weight": 0.1},
+                                      "shear": {"hidden_weight": 0.1, "train": {"eval_every": 75}}}),
     "chosen": {},
     # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept
     "removal": {},
@@ -117,12 +125,14 @@ def row(name: str, results: dict, seconds: float | None) -> str:
 @click.option("--cache-dir", default=None, help="Shared feature cache (default: OUT/cache).")
 @click.option("--procs", default=2, show_default=True, help="Training processes per variant.")
 @click.option("--stages", default="merged,final", show_default=True)
-def main(teacher_run, config, out, variants, train, dev, language, cache_dir, procs, stages):
+@click.option("--seed", type=int, default=None,
+              help="Every stage's seed (the recipe's --seed; default: the config's).")
+def main(teacher_run, config, out, variants, train, dev, language, cache_dir, procs, stages, seed):
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = json.loads(Path(config).read_text())
     args = ["--train", train, "--dev", dev, "--language", language,
-            "--cache-dir", cache_dir or str(out_dir / "cache")]
+            "--cache-dir", cache_dir or str(out_dir / "cache"), *(["--seed", str(seed)] if seed is not None else [])]
     lines = ["| variant | teacher WER / CER | merged WER / CER | final WER / CER | retention | "
              "merged retention | wall clock |", "|---|---|---|---|---|---|---|"]
     for name in variants.split(","):

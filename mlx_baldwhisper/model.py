@@ -222,10 +222,10 @@ class TextDecoder(nn.Module):
         is most of a prompted batch's positions."""
         return self.token_embedding.as_linear(gather_rows(hidden, rows))
 
-    def layer_states(self, tokens: mx.array, xa: mx.array, audio_padding: Optional[mx.array] = None,
-                     rows: Optional[mx.array] = None) -> tuple[list[mx.array], mx.array]:
-        """Teacher-forced: every block's output and the logits (of ``rows`` only, as in
-        :meth:`project`), for distilling the decoder's internal states."""
+    def block_states(self, tokens: mx.array, xa: mx.array,
+                     audio_padding: Optional[mx.array] = None) -> list[mx.array]:
+        """Teacher-forced: every block's output, for distilling the decoder's internal
+        states (the last one, through ``ln``, is the final hidden state)."""
         t = tokens.shape[-1]
         x = self.token_embedding(tokens) + self.positional_embedding[:t]
         mask = causal_mask(t, 0, x.dtype) if t > 1 else None
@@ -233,7 +233,13 @@ class TextDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, xa, mask=mask, audio_padding=audio_padding)[0]
             states.append(x)
-        return states, self.project(self.ln(x), rows)
+        return states
+
+    def layer_states(self, tokens: mx.array, xa: mx.array, audio_padding: Optional[mx.array] = None,
+                     rows: Optional[mx.array] = None) -> tuple[list[mx.array], mx.array]:
+        """:meth:`block_states` and the logits (of ``rows`` only, as in :meth:`project`)."""
+        states = self.block_states(tokens, xa, audio_padding)
+        return states, self.project(self.ln(states[-1]), rows)
 
 
 class Whisper(nn.Module):

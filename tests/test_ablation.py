@@ -23,7 +23,7 @@ def test_variants_share_one_teacher_and_fill_the_table(corpus):
     train, dev = str(corpus / "train.tsv"), str(corpus / "dev.tsv")
     Recipe(train, dev, str(corpus / "teacher-run"), RecipeConfig.from_dict(base), stages=("teacher",)).run()
     args = ["--teacher-run", str(corpus / "teacher-run"), "--config", str(config), "--out", str(corpus / "ab"),
-            "--variants", "hidden,removal", "--train", train, "--dev", dev, "--procs", "1"]
+            "--variants", "hidden,removal", "--train", train, "--dev", dev, "--procs", "1", "--seed", "3"]
 
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
@@ -32,10 +32,15 @@ def test_variants_share_one_teacher_and_fill_the_table(corpus):
     removal = json.loads((corpus / "ab" / "removal" / "results.json").read_text())["stages"]
     assert hidden["teacher"] == removal["teacher"] == teacher
     assert {"merged", "final"} <= set(hidden) and "removed" in removal and "final" not in removal
-    assert json.loads((corpus / "ab" / "hidden" / "config.json").read_text())["recover"]["hidden_weight"] == 0.1
+    written = json.loads((corpus / "ab" / "hidden" / "config.json").read_text())
+    assert written["recover"]["hidden_weight"] == 0.1 and written["shear"]["hidden_weight"] == 0.0
+    assert written["recover"]["train"]["seed"] == written["shear"]["train"]["seed"] == 3
     # the removal baseline recovers as the shipped config does; each idea alone turns the others off
     assert json.loads((corpus / "ab" / "removal.json").read_text()) == base
     assert merged(base, VARIANTS["seqkd"])["recover"]["hidden_weight"] == 0.0
+    combo = merged(base, VARIANTS["hidden-both-best"])
+    assert combo["shear"]["hidden_weight"] == combo["recover"]["hidden_weight"] == 0.1
+    assert combo["shear"]["train"]["eval_every"] == 75 and combo["recover"]["seqkd_prob"] == 0.0
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in done.output.splitlines() if line.startswith("| ")}
     assert rows["hidden"][4] == f"{teacher['wer'] / hidden['final']['wer']:.3f}"
     assert rows["removal"][2] == f"{100 * removal['removed']['wer']:.2f} / {100 * removal['removed']['cer']:.2f}"

@@ -1,5 +1,5 @@
-"""Recovery's intermediate-layer distillation: which teacher layer each student layer
-matches, the loss against hand-computed terms, and that training lowers it."""
+"""Intermediate-layer distillation in recovery and in the shear stage: which teacher layer
+each student layer matches, the loss against hand-computed terms, and that training lowers it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from conftest import tiny_model
 from mlx_baldwhisper.surgery import Surgery, compress
 from mlx_baldwhisper.training.losses import LearnableTemperature, distillation_loss, kl_distillation
 from mlx_baldwhisper.training.recover import distill_loss_fn, teacher_layers
+from mlx_baldwhisper.training.shear import ShearConfig, shear_loss_fn
 
 
 def test_each_student_layer_stands_for_the_last_layer_of_its_group():
@@ -49,6 +50,27 @@ def test_hidden_term_is_the_mse_to_the_mapped_teacher_layers():
     assert parts["hidden"].item() == pytest.approx(by_hand, rel=1e-4)
     base, _ = distillation_loss(s_logits, t_logits, mx.array(batch["targets"]), mx.array(m), 2.0)
     assert loss.item() == pytest.approx(base.item() + 0.5 * by_hand, rel=1e-4)
+
+
+def test_shear_hidden_term_adds_the_mse_to_the_mapped_teacher_layers():
+    """shear.hidden_weight w adds w·MSE(student layer k, teacher layer of its group) to the
+    shear loss, and leaves its other parts as they were; the sheared student still knows
+    which teacher layers its merged layers stand for."""
+    teacher = tiny_model(n_text_layer=4)
+    student = compress(compress(teacher, Surgery(merge=True, merge_groups="0,1;2,3")), Surgery(rank=8))
+    assert teacher_layers(student) == [1, 3]
+    batch, temperature = _batch(), LearnableTemperature(2.0)
+    plain_loss, plain = shear_loss_fn(teacher, temperature, ShearConfig(rank=8))(student, batch)
+    loss, parts = shear_loss_fn(teacher, temperature, ShearConfig(rank=8, hidden_weight=0.5),
+                                teacher_layers(student))(student, batch)
+    inputs, feats, m = mx.array(batch["inputs"]), mx.array(batch["features"]), batch["mask"]
+    t_states = teacher.decoder.block_states(inputs, feats)
+    by_hand = np.mean([((np.array(s) - np.array(t_states[i])) ** 2).mean(-1)[m > 0].mean()
+                       for s, i in zip(student.decoder.block_states(inputs, feats), [1, 3])])
+    assert parts["hidden"].item() == pytest.approx(by_hand, rel=1e-4) and by_hand > 0
+    for part in ("ce", "kl", "feat_in", "feat_out"):
+        assert parts[part].item() == pytest.approx(plain[part].item(), rel=1e-4), part
+    assert loss.item() == pytest.approx(plain_loss.item() + 0.5 * by_hand, rel=1e-4)
 
 
 def test_training_on_the_hidden_term_lowers_it():

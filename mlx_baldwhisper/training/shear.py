@@ -9,6 +9,9 @@ distances against the teacher's full embedding E_t:
   * input side:  E_t[tokens]  vs  A[tokens]·B
   * output side: h·E_tᵀ       vs  (h·Bᵀ)·Aᵀ   on the student's final hidden states h
 where distance(a, b) = mean|a − b| − mean log σ(cos(a, b)).
+``hidden_weight`` adds recovery's intermediate-layer distillation (recover.py): each layer's
+output stays near the teacher's after the last layer of its merge group, so the decoder
+does not drift while the embedding changes under it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import click
 import mlx.core as mx
 import numpy as np
 
+from .. import backends
 from ..decoding import tokenizer_for
 from ..folders import run_folder
 from ..model import Whisper, gather_rows
@@ -29,7 +33,8 @@ from ..surgery import Surgery, compress
 from .common import (StageData, audio_padding, decoder_input, dev_evaluator, model_saver, stage_settings,
                      teacher_logits, scored)
 from .data import PACK_PROB, PROMPT_PROB, TIMESTAMP_PROB
-from .losses import LearnableTemperature, feature_distance, kl_term, masked_mean, token_losses
+from .losses import LearnableTemperature, feature_distance, hidden_state_mse, kl_term, masked_mean, token_losses
+from .recover import teacher_layers
 from .stage import ModelInput, Stage
 from .trainer import TrainConfig, Trainer, TrainResult
 
@@ -65,6 +70,9 @@ class ShearConfig:
     # Share of items conditioned on the previous clip's text (<|startofprev|>), as
     # transcribe() conditions each window on the text before it.
     prompt_prob: float = PROMPT_PROB
+    # Intermediate-layer distillation, as recover.hidden_weight: weight of the MSE between
+    # each decoder layer's output and the teacher's mapped layer (0: off).
+    hidden_weight: float = 0.0
 
 
 def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float,
@@ -109,26 +117,43 @@ def sheared_student(merged: Whisper, data: StageData, cfg: ShearConfig) -> Whisp
     return compress(merged, Surgery(rank=cfg.rank, token_weights=weights, exact_rows=exact))
 
 
-def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig):
+def shear_loss_fn(teacher: Whisper, temperature: LearnableTemperature, cfg: ShearConfig,
+                  layers: Optional[list[int]] = None):
+    """``layers``: the teacher layer each student layer matches for ``cfg.hidden_weight``
+    (default: the same index)."""
     E_t = mx.stop_gradient(teacher.decoder.token_embedding.weight)
 
     def loss_fn(student: Whisper, batch: dict):
         feats = decoder_input(student, batch)
-        inputs = mx.array(batch["inputs"])
+        inputs, mask = mx.array(batch["inputs"]), mx.array(batch["mask"])
         emb = student.decoder.token_embedding
         pad, at = audio_padding(batch), scored(batch)
-        hidden = gather_rows(student.decoder(inputs, feats, return_hidden=True, audio_padding=pad)[0],
-                             at.rows)
+        t_logits, hidden_mse = None, None
+        if cfg.hidden_weight:
+            states = student.decoder.block_states(inputs, feats, pad)
+            hidden = gather_rows(student.decoder.ln(states[-1]), at.rows)
+            with backends.inference():
+                t_states, t_logits = teacher.decoder.layer_states(inputs, feats.astype(teacher.dtype), pad,
+                                                                  at.rows)
+            t_logits = mx.stop_gradient(t_logits)
+            hidden_mse = hidden_state_mse(states, [mx.stop_gradient(t_states[i])
+                                                   for i in (layers or range(len(states)))], mask)
+        else:
+            hidden = gather_rows(student.decoder(inputs, feats, return_hidden=True, audio_padding=pad)[0],
+                                 at.rows)
+            if cfg.kl_weight:
+                t_logits = teacher_logits(teacher, inputs, feats, pad, at.rows)
         logits = emb.as_linear(hidden)
         t = temperature()
-        ce_rows, kl_rows = token_losses(logits, at.targets,
-                                        teacher_logits(teacher, inputs, feats, pad, at.rows)
-                                        if cfg.kl_weight else None, t)
+        ce_rows, kl_rows = token_losses(logits, at.targets, t_logits if cfg.kl_weight else None, t)
         ce = masked_mean(ce_rows, at.mask)
         feat_in = feature_distance(emb(inputs), E_t[inputs])
         feat_out = feature_distance(logits, hidden @ E_t.T)
         loss = cfg.ce_weight * ce + cfg.input_feature_weight * feat_in + cfg.output_feature_weight * feat_out
         logs = {"ce": ce, "feat_in": feat_in, "feat_out": feat_out}
+        if hidden_mse is not None:
+            loss = loss + cfg.hidden_weight * hidden_mse
+            logs["hidden"] = hidden_mse
         if kl_rows is not None:
             kl = kl_term(kl_rows, at.mask, t)
             loss = loss + cfg.kl_weight * kl
@@ -145,7 +170,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
     teacher.freeze()
     temperature = LearnableTemperature(cfg.temperature)
     trainer = Trainer(
-        student, shear_loss_fn(teacher, temperature, cfg), cfg.train, run_folder(out),
+        student, shear_loss_fn(teacher, temperature, cfg, teacher_layers(student)), cfg.train, run_folder(out),
         trainable_filter=list(cfg.trainable), extra_modules={"temperature": temperature},
         evaluate_fn=dev_evaluator(data, cfg.eval_limit),
         save_best=model_saver(Path(out), {"stage": "shear", "rank": cfg.rank,
@@ -153,7 +178,7 @@ def shear(student: Whisper, teacher: Whisper, data: StageData, cfg: ShearConfig,
                                           "input_feature_weight": cfg.input_feature_weight,
                                           "output_feature_weight": cfg.output_feature_weight,
                                           "init": cfg.init, "uniform_mix": cfg.uniform_mix,
-                                          "exact_special": cfg.exact_special,
+                                          "exact_special": cfg.exact_special, "hidden_weight": cfg.hidden_weight,
                                           **cfg.train.to_dict()}, force),
         settings=stage_settings(cfg, data),
     )

@@ -68,9 +68,11 @@ VARIANTS: dict[str, dict] = {
     "chosen": {},
     # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept
     "removal": {},
+    # ... and with the same intermediate-layer distillation as the merged "hidden" variants
+    "removal-hidden": merged(NONE, IDEAS["hidden"]),
 }
-# Variants that run other stages than --stages (the removal baseline has no final model).
-STAGES: dict[str, str] = {"removal": "removed"}
+# Variants that run other stages than --stages (the removal baselines have no final model).
+STAGES: dict[str, str] = {"removal": "removed", "removal-hidden": "removed"}
 
 
 def run_variant(name: str, cfg: dict, teacher_run: Path, out: Path, args: list[str], procs: int,

@@ -12,7 +12,7 @@ from mlx_baldwhisper.training.recipe import Recipe, RecipeConfig
 from test_recipe import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from recovery_ablation import VARIANTS, main, merged  # noqa: E402
+from recovery_ablation import STAGES, VARIANTS, main, merged  # noqa: E402
 
 
 def test_variants_share_one_teacher_and_fill_the_table(corpus):
@@ -41,6 +41,8 @@ def test_variants_share_one_teacher_and_fill_the_table(corpus):
     combo = merged(base, VARIANTS["hidden-both-best"])
     assert combo["shear"]["hidden_weight"] == combo["recover"]["hidden_weight"] == 0.1
     assert combo["shear"]["train"]["eval_every"] == 75 and combo["recover"]["seqkd_prob"] == 0.0
+    assert merged(base, VARIANTS["removal-hidden"])["recover"] == merged(base, VARIANTS["hidden"])["recover"]
+    assert STAGES["removal-hidden"] == STAGES["removal"] == "removed"
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in done.output.splitlines() if line.startswith("| ")}
     assert rows["hidden"][4] == f"{teacher['wer'] / hidden['final']['wer']:.3f}"
     assert rows["removal"][2] == f"{100 * removal['removed']['wer']:.2f} / {100 * removal['removed']['cer']:.2f}"

@@ -5,12 +5,15 @@
         --config benchmarks/hausa_recipe_longform.json --out runs/ablation \
         --variants baseline,hidden,seqkd,early,untuned,search,chosen,removal --procs 2 [--seed N]
 
+(``--variants`` defaults to all of them, also ``hidden-both``, ``shear-best``, their
+combination ``hidden-both-best`` and ``removal-hidden``.)
+
 Each variant is the shipped config with a few keys changed (VARIANTS below): each recovery
 idea alone, none of them (``baseline``), and the shipped combination (``chosen``). Its run is
 ``OUT/<variant>``: the teacher of ``--teacher-run`` is copied in with its results entry,
 then ``mlx_baldwhisper recipe --stages merged,final`` runs in ``--procs`` processes (the
 ring backend on one machine, ranks started by hand as in RESULTS.md); the ``removal``
-variant runs the ``removed`` stage instead. A finished variant is not run again (its wall
+variants run the ``removed`` stage instead. A finished variant is not run again (its wall
 clock is kept in ``OUT/<variant>.seconds``). The table (dev WER/CER of teacher, merged and
 final, retention WER_teacher/WER_final, the same for the merged model, wall clock) goes to
 ``OUT/ablation.md`` and standard output.

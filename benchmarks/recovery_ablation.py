@@ -66,8 +66,7 @@ VARIANTS: dict[str, dict] = {
     "baseline": NONE,
     **{name: merged(NONE, idea) for name, idea in IDEAS.items()},
     # intermediate-layer distillation in both stages and the dev-chosen shear checkpoint
-    "hidden-both-best": merged(NONE, {"recover": {"hidden_weight": 0.1},
-                                      "shear": {"hidden_weight": 0.1, "train": {"eval_every": 75}}}),
+    "hidden-both-best": merged(merged(NONE, IDEAS["hidden-both"]), IDEAS["shear-best"]),
     "chosen": {},
     # merging vs removal at the same budget: the teacher's layers 0, 2, 5 kept
     "removal": {},

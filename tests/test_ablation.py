@@ -52,3 +52,17 @@ def test_variants_share_one_teacher_and_fill_the_table(corpus):
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0 and again.output == done.output
     assert (corpus / "ab" / "hidden" / "merged" / "config.json").stat().st_mtime_ns == trained
+
+
+def test_the_shipped_defaults_are_the_chosen_combination():
+    """Issue 17: the shipped config ("chosen") trains as hidden-both-best, the combination
+    that beat every idea off; the removal baseline so recovers with the same loss."""
+    shipped = json.loads((Path(__file__).parents[1] / "benchmarks" / "hausa_recipe_longform.json").read_text())
+    chosen = RecipeConfig.from_dict(merged(shipped, VARIANTS["chosen"]))
+    assert chosen == RecipeConfig.from_dict(merged(shipped, VARIANTS["hidden-both-best"]))
+    assert chosen.recover.hidden_weight == chosen.shear.hidden_weight == 0.1
+    assert chosen.shear.train.eval_every == 75 and chosen.recover.seqkd_prob == chosen.recover.untuned_kl_weight == 0.0
+    defaults = RecipeConfig()
+    assert (defaults.recover.hidden_weight, defaults.shear.hidden_weight, defaults.shear.train.eval_every) == (0.1, 0.1, 75)
+    assert RecipeConfig.from_dict(merged(shipped, VARIANTS["removal"])).recover == \
+        RecipeConfig.from_dict(merged(shipped, VARIANTS["removal-hidden"])).recover

@@ -44,7 +44,9 @@ log = logging.getLogger("mlx_baldwhisper")
 @dataclass
 class ShearConfig:
     rank: int = 96
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=20, max_steps=300))
+    # The best checkpoint by dev WER is the stage's model: scored every 75 steps (of 300).
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, warmup_steps=20, max_steps=300,
+                                                                   eval_every=75))
     batch_size: int = 8
     ce_weight: float = 1.0
     kl_weight: float = 1.0  # our addition to the paper's loss: the teacher's soft labels
@@ -72,7 +74,7 @@ class ShearConfig:
     prompt_prob: float = PROMPT_PROB
     # Intermediate-layer distillation, as recover.hidden_weight: weight of the MSE between
     # each decoder layer's output and the teacher's mapped layer (0: off).
-    hidden_weight: float = 0.0
+    hidden_weight: float = 0.1
 
 
 def token_frequencies(data: StageData, n_vocab: int, uniform_mix: float,

@@ -66,8 +66,9 @@ class RecoverConfig:
     prompt_prob: float = PROMPT_PROB
     # Intermediate-layer distillation: weight of the MSE between each student layer's
     # output and the teacher's after the last layer of its merge group (0: off). On by
-    # default with shear.hidden_weight and the dev-chosen shear checkpoint: on Hausa, 3 seeds
-    # each on one CPU, they beat every idea off (benchmarks/RESULTS.md, session 17).
+    # default with shear.hidden_weight and the dev-chosen shear checkpoint: on Hausa the three
+    # kept 1.037 of the teacher's dev WER over 3 seeds, and beat every idea off on the seed
+    # run both ways on one CPU (benchmarks/RESULTS.md, sessions 16-17).
     hidden_weight: float = 0.1
     # Regularisation towards the untuned model (the one the teacher was fine-tuned from):
     # weight of T²·KL(untuned_T ‖ student_T) on the same batches (0: off), so the student

@@ -116,3 +116,24 @@ def test_shards_are_strided_rows():
     parts = [shard(batch, r, 2) for r in range(2)]
     assert parts[0]["inputs"][:, 0].tolist() == [0, 4, 8] and parts[1]["inputs"][:, 0].tolist() == [2, 6]
     assert parts[1]["note"] == "x" and len(parts[1]["mask"]) == 2
+
+
+def test_a_rank_other_than_0_ends_without_the_results_rank_0_writes(corpus, tmp_path, monkeypatch):
+    """Ranks share the stages but only rank 0 scores long form and writes results.md: a
+    recipe whose stages leave rank 1 done first (the removal baseline alone) must not make
+    rank 1 fail reading a file that is not there yet."""
+    from click.testing import CliRunner
+
+    from mlx_baldwhisper.cli import main
+    from mlx_baldwhisper.training import distributed
+    from mlx_baldwhisper.training.recipe import Recipe
+
+    monkeypatch.setattr(Recipe, "run", lambda self: {"stages": {}})
+    args = ["recipe", "--train", str(corpus / "train.tsv"), "--dev", str(corpus / "dev.tsv"),
+            "--language", "ha", "--out", str(tmp_path / "run"), "--stages", "removed"]
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    assert not (tmp_path / "run" / "results.md").exists()
+    monkeypatch.setattr(distributed, "is_main", lambda: True)  # rank 0 reads what it wrote
+    assert CliRunner().invoke(main, args).exit_code != 0

@@ -381,6 +381,10 @@ def register_training_commands(main: click.Group, friendly: Callable) -> None:
             click.echo(f"interrupted{': ' + str(e) if str(e) else ''}; rerun the same command to resume",
                        err=True)
             raise SystemExit(130) from None
+        from .distributed import is_main
+
+        if not is_main():  # rank 0 writes the results, and may still be scoring when this rank ends
+            return
         click.echo((Path(opts.out) / "results.md").read_text())
         # the last model this run's stages wrote (the removal baseline when only it ran)
         done = [n for n in reversed(chosen or STEPS) if (Path(opts.out) / n / "config.json").exists()]
